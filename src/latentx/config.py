@@ -67,7 +67,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         return from_dict(tp, value, prefix=field)
     if origin in (list, tuple):
         if isinstance(value, str) and "," in value:
-            value = [v.strip() for v in value.split(",")]
+            value = [yaml.safe_load(v.strip()) for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             value = [value]
         args = get_args(tp)
