@@ -1,0 +1,299 @@
+"""Shared pieces of every objective: the batch, the loss output, the GRPO config and masked helpers.
+
+Specification: ``shared/docs/METHODS.md`` section 0 (notation, GRPO advantage) and section 3 (the
+clipped surrogate, token-mean aggregation, the k3 KL to a frozen reference).
+
+Conventions used by every objective in :mod:`latentx.objectives`:
+
+- Token tensors are ``[B, T]`` (B responses padded to T tokens); ``mask`` is a bool ``[B, T]`` that is
+  True on real response tokens.  Values at padded positions are never read: they are replaced by 0
+  *before* any arithmetic, so garbage (even NaN/inf) in the padding cannot leak into the loss or its
+  gradient.
+- "Token-mean" aggregation is the global mean over all valid tokens of the micro-batch
+  (``sum(loss * mask) / sum(mask)``), as in METHODS.md section 3 and verl's ``loss_agg_mode="token-mean"``.
+- A micro-batch without any valid token (every response empty) gives a loss of exactly 0 that is still
+  connected to the graph (its gradient is 0), and every token diagnostic is 0.  No NaN.
+- All loss arithmetic is done in float32 (inputs in bf16/fp16 are upcast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PolicyBatch",
+    "LossOutput",
+    "GRPOConfig",
+    "ClipConfig",
+    "masked_mean",
+    "token_mean",
+    "per_response_mean",
+    "k3_kl",
+    "to_floats",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration shared by every objective
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO part shared by every objective (METHODS.md sections 0 and 3).
+
+    Attributes:
+        clip_low: ε_lo, the ratio is clipped below at ``1 - clip_low`` (0.2).
+        clip_high: ε_hi, the ratio is clipped above at ``1 + clip_high`` (0.2; DAPO "clip-higher" raises it).
+        kl_coef: β_KL, weight of the token-mean k3 KL to a frozen reference (0 = no reference needed).
+        advantage_std: True divides the group-centred reward by the group std (GRPO);
+            False keeps only the centring ("Dr. GRPO").  Read by :func:`latentx.objectives.grpo.group_advantages`
+            through whoever computes the advantages (the trainer); the losses take advantages as given.
+        advantage_eps: ε in ``(r - mean) / (std + ε)`` (1e-6).
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    advantage_std: bool = True
+    advantage_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_range("grpo.clip_low", self.clip_low, lo=0.0, hi=1.0, hi_open=True)
+        _check_range("grpo.clip_high", self.clip_high, lo=0.0)
+        _check_range("grpo.kl_coef", self.kl_coef, lo=0.0)
+        if not isinstance(self.advantage_std, bool):
+            raise ValueError(f"grpo.advantage_std must be a bool, got {self.advantage_std!r}")
+        _check_range("grpo.advantage_eps", self.advantage_eps, lo=0.0, lo_open=True)
+
+
+#: Alias: the clip/KL fields live in :class:`GRPOConfig`, which every objective takes.
+ClipConfig = GRPOConfig
+
+
+def _check_range(
+    name: str,
+    value: object,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number in the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch and output
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyBatch:
+    """Token-level tensors of one (micro-)batch of B responses padded to T tokens (METHODS.md §0, §3).
+
+    Attributes:
+        logp: ``[B, T]`` float, log π_θ of the sampled tokens from the current forward (with grad).
+        old_logp: ``[B, T]`` float, log π_old of the same tokens from the rollout policy (no grad needed).
+        mask: ``[B, T]`` bool, True on real response tokens (prompt and padding are False).
+        advantages: ``[B]`` (one Â per response, broadcast to its tokens) or ``[B, T]`` (per token, e.g.
+            VERL's last-token shaping).
+        group: ``[B]`` integer, the prompt group of each response (responses to the same prompt share it).
+        ref_logp: optional ``[B, T]``, log π_ref from a frozen reference model (for the KL terms).
+        entropy: optional ``[B, T]``, token entropies of the current forward, with grad (entropy_bonus).
+        dsd: optional ``[B]``, Dynamic Spectral Dispersion of each response on the current forward's hidden
+            states, with grad (relax).
+
+    Shapes, dtypes and devices are validated on construction; values at valid tokens must be finite.
+    """
+
+    logp: Tensor
+    old_logp: Tensor
+    mask: Tensor
+    advantages: Tensor
+    group: Tensor
+    ref_logp: Tensor | None = None
+    entropy: Tensor | None = None
+    dsd: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        logp = self.logp
+        if not isinstance(logp, Tensor) or logp.dim() != 2:
+            raise ValueError(f"batch.logp must be a [B, T] tensor, got {_describe(logp)}")
+        if not logp.is_floating_point():
+            raise ValueError(f"batch.logp must be a floating tensor, got dtype {logp.dtype}")
+        B, T = logp.shape
+        device = logp.device
+
+        if not isinstance(self.mask, Tensor) or tuple(self.mask.shape) != (B, T):
+            raise ValueError(f"batch.mask must have shape [B, T] = {[B, T]}, got {_describe(self.mask)}")
+        if self.mask.dtype != torch.bool:
+            raise ValueError(f"batch.mask must be a bool tensor, got dtype {self.mask.dtype} (use mask.bool())")
+
+        for name in ("old_logp", "ref_logp", "entropy"):
+            value = getattr(self, name)
+            if value is None and name != "old_logp":
+                continue
+            if not isinstance(value, Tensor) or tuple(value.shape) != (B, T):
+                raise ValueError(f"batch.{name} must have shape [B, T] = {[B, T]}, got {_describe(value)}")
+            if not value.is_floating_point():
+                raise ValueError(f"batch.{name} must be a floating tensor, got dtype {value.dtype}")
+
+        adv = self.advantages
+        if not isinstance(adv, Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
+            raise ValueError(f"batch.advantages must have shape [B] = {[B]} or [B, T] = {[B, T]}, got {_describe(adv)}")
+        if not adv.is_floating_point():
+            raise ValueError(f"batch.advantages must be a floating tensor, got dtype {adv.dtype}")
+
+        if not isinstance(self.group, Tensor) or tuple(self.group.shape) != (B,):
+            raise ValueError(f"batch.group must have shape [B] = {[B]}, got {_describe(self.group)}")
+        if self.group.is_floating_point() or self.group.is_complex() or self.group.dtype == torch.bool:
+            raise ValueError(f"batch.group must be an integer tensor, got dtype {self.group.dtype}")
+
+        if self.dsd is not None:
+            if not isinstance(self.dsd, Tensor) or tuple(self.dsd.shape) != (B,):
+                raise ValueError(f"batch.dsd must have shape [B] = {[B]}, got {_describe(self.dsd)}")
+            if not self.dsd.is_floating_point():
+                raise ValueError(f"batch.dsd must be a floating tensor, got dtype {self.dsd.dtype}")
+
+        for name in ("old_logp", "mask", "advantages", "group", "ref_logp", "entropy", "dsd"):
+            value = getattr(self, name)
+            if value is not None and value.device != device:
+                raise ValueError(f"batch.{name} is on {value.device} but batch.logp is on {device}")
+
+        # Finite values where they are read (valid tokens; every response for response-level tensors).
+        with torch.no_grad():
+            for name in ("logp", "old_logp", "ref_logp", "entropy"):
+                value = getattr(self, name)
+                if value is not None and not bool(torch.isfinite(value[self.mask]).all()):
+                    raise ValueError(f"batch.{name} has a non-finite value at a valid (mask=True) token")
+            adv_read = self.advantages[self.mask] if self.advantages.dim() == 2 else self.advantages
+            if not bool(torch.isfinite(adv_read).all()):
+                raise ValueError("batch.advantages has a non-finite value")
+            if self.dsd is not None and not bool(torch.isfinite(self.dsd).all()):
+                raise ValueError("batch.dsd has a non-finite value")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.logp.shape[0])
+
+    def token_advantages(self) -> Tensor:
+        """Advantages as a float32 ``[B, T]`` tensor (a ``[B]`` tensor is broadcast to every token), 0 at padding."""
+        adv = self.advantages.detach().float()
+        if adv.dim() == 1:
+            adv = adv[:, None].expand_as(self.mask)
+        return torch.where(self.mask, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+
+    def response_advantages(self) -> Tensor:
+        """One advantage per response, float32 ``[B]``.
+
+        A ``[B]`` tensor is returned as is; for a ``[B, T]`` tensor the mean over the response's valid
+        tokens is used (equal to Â_i when it was broadcast), 0 for an empty response.
+        """
+        adv = self.advantages.detach().float()
+        if adv.dim() == 1:
+            return adv
+        return per_response_mean(adv, self.mask)
+
+
+@dataclass
+class LossOutput:
+    """What every objective returns.
+
+    Attributes:
+        loss: scalar, differentiable; call ``loss.backward()``.
+        terms: every loss term and diagnostic as a python float (``pg``, ``kl``, ``clip_frac``, ...).
+    """
+
+    loss: Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    return repr(value) if value is None else type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is True (over ``dim``, or over everything).
+
+    Positions with ``mask=False`` are never read (replaced by 0 before summing), so NaN/inf there is
+    harmless.  A reduction over no valid position returns 0 (not NaN).
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    kept = torch.where(mask, values, zero)
+    if dim is None:
+        return kept.sum() / mask.sum().clamp(min=1).to(values.dtype)
+    return kept.sum(dim) / mask.sum(dim).clamp(min=1).to(values.dtype)
+
+
+def token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean aggregation (METHODS.md §3): the mean over *all* valid tokens of the micro-batch.
+
+    Every valid token weighs the same, so long responses contribute more tokens (verl's "token-mean",
+    DAPO's aggregation).  0 when there is no valid token.
+    """
+    return masked_mean(per_token, mask, dim=None)
+
+
+def per_response_mean(per_token: Tensor, mask: Tensor) -> Tensor:
+    """``[B, T] -> [B]``: mean over each response's valid tokens; 0 for an empty response."""
+    return masked_mean(per_token, mask, dim=1)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 KL estimator to a frozen reference (METHODS.md §3; Schulman 2020).
+
+    ``k3 = exp(δ) - δ - 1`` with ``δ = log π_ref - log π_θ``; always >= 0, an unbiased estimate of
+    KL(π_θ ‖ π_ref) when tokens are sampled from π_θ.  Elementwise, in float32, no clamping (as TRL;
+    verl additionally clamps δ to [-20, 20]).  Callers must zero padded positions first (see
+    :func:`masked_mean`) if the padding may hold garbage.
+    """
+    delta = ref_logp.float() - logp.float()
+    return torch.exp(delta) - delta - 1.0
+
+
+def to_floats(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
+    """Detach and convert scalar tensors / numbers to python floats with a single device sync."""
+    keys = list(values)
+    tensor_keys = [k for k in keys if isinstance(values[k], Tensor)]
+    out: dict[str, float] = {}
+    if tensor_keys:
+        device = values[tensor_keys[0]].device  # type: ignore[union-attr]
+        scalars = [values[k].detach().float().reshape(()).to(device) for k in tensor_keys]  # type: ignore[union-attr]
+        stacked = torch.stack(scalars).cpu().tolist()
+        out.update(zip(tensor_keys, stacked))
+    for k in keys:
+        if k not in out:
+            out[k] = float(values[k])  # type: ignore[arg-type]
+    return {k: out[k] for k in keys}
+
+
+def valid_only(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` upcast to float32 with padded positions replaced by 0 (keeps the gradient at valid ones)."""
+    values = values.float()
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
