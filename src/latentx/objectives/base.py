@@ -91,9 +91,9 @@ def _check_range(
     if v != v or v in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
     if hi is not None and (v >= hi if hi_open else v > hi):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi:g}, got {value!r}")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
