@@ -1,0 +1,78 @@
+"""VERL advantage shaping on verl's batch (METHODS.md section 3 "verl"), on the driver.
+
+verl's v1 trainer computes advantages in ``PPOTrainer._compute_advantage``
+(``verl/trainer/ppo/v1/trainer_base.py``) and stores them, nested per response, in TransferQueue.  A
+registered advantage estimator cannot see per-response hidden-state signals (``compute_advantage`` passes
+it only rewards, mask, uid and config), so the plugin shapes *after* verl's estimator: it reads
+``advantages``, ``response_mask``, ``latentx_er/erv/era`` (written by the actor's old-log-prob forward) and
+``rm_scores``, calls :meth:`latentx.objectives.VerlShaper.shape` (EMA baselines live in the shaper, on the
+driver) and writes ``advantages`` back.  Padding rows that verl adds to divide the batch evenly are passed
+through unchanged and do not enter the baselines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from latentx.integrations.verl.signals import per_response_values
+from latentx.objectives import VerlShaper
+from latentx.objectives.base import per_response_mean, valid_only
+
+__all__ = ["SHAPING_FIELDS", "shape_advantages"]
+
+#: What :func:`shape_advantages` reads from the batch.
+SHAPING_FIELDS = ("advantages", "response_mask", "rm_scores", "latentx_er", "latentx_erv", "latentx_era")
+
+
+def _padded(field: Tensor, batch: int, width: int) -> Tensor:
+    if getattr(field, "is_nested", False):
+        return torch.nested.to_padded_tensor(field, 0.0, output_size=(batch, width))
+    field = field[:, :width]
+    return torch.nn.functional.pad(field, (0, width - field.shape[1])) if field.shape[1] < width else field
+
+
+def shape_advantages(data: Any, shaper: VerlShaper, keep: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Shaped token advantages ``[B, W]`` float32 (0 at padding) and the shaper's info, prefixed ``latentx/``.
+
+    Args:
+        data: a TensorDict (or ``DataProto.batch``) with :data:`SHAPING_FIELDS`; ``advantages``,
+            ``response_mask`` and ``rm_scores`` nested ``[B, j]`` or padded ``[B, W]``, ``latentx_*``
+            nested / dense ``[B, 1]`` or ``[B]``.
+        shaper: the driver's :class:`VerlShaper` (its baselines advance by one step).
+        keep: optional bool ``[B]``: rows to shape (False = verl's padding rows, returned unchanged).
+
+    Returns:
+        ``(token_advantages [B, W], info)``; W is the longest response.
+    """
+    missing = [key for key in SHAPING_FIELDS if key not in data.keys()]
+    if missing:
+        raise ValueError(
+            f"latentx verl shaping needs the batch fields {', '.join(missing)} (latentx_* come from the actor's "
+            "old-log-prob forward: is the latentx worker in use, and algorithm.rollout_correction.bypass_mode off?)"
+        )
+    mask_field = data["response_mask"]
+    if getattr(mask_field, "is_nested", False):
+        lengths = mask_field.offsets().diff()
+        B, W = int(lengths.shape[0]), int(lengths.max()) if lengths.numel() else 0
+    else:
+        B, W = int(mask_field.shape[0]), int(mask_field.shape[1])
+    mask = _padded(mask_field, B, W).bool()
+    adv_tok = _padded(data["advantages"], B, W).float()
+    rewards = valid_only(_padded(data["rm_scores"], B, W), mask).sum(dim=1)
+    adv = per_response_mean(valid_only(adv_tok, mask), mask)
+    er, erv, era = (per_response_values(data[k], k) for k in ("latentx_er", "latentx_erv", "latentx_era"))
+
+    keep = torch.ones(B, dtype=torch.bool) if keep is None else keep.to(torch.bool).cpu()
+    if keep.shape != (B,):
+        raise ValueError(f"keep must be a bool [B] = [{B}] tensor, got shape {list(keep.shape)}")
+    rows = keep.nonzero().flatten().to(mask.device)
+    shaped_rows, info = shaper.shape(
+        adv[rows], er[rows].to(adv.device), erv[rows].to(adv.device), era[rows].to(adv.device), mask[rows],
+        rewards=rewards[rows] if shaper.cfg.performance_scaling else None,
+    )
+    out = valid_only(adv_tok, mask)
+    out[rows] = shaped_rows.to(out.dtype)
+    return out, {f"latentx/{key}": value for key, value in info.items()}

@@ -1,0 +1,131 @@
+"""The ``latentx`` block of the verl config: which objective, and its options (METHODS.md section 3).
+
+It lives at the top level of verl's Hydra config (``latentx.objective=relax latentx.relax.alpha=0.1``).
+The driver copies it to ``actor_rollout_ref.latentx`` so that the actor workers, which only receive
+``actor_rollout_ref``, see the same settings.  Every option of :class:`latentx.objectives.RelaxConfig` and
+:class:`latentx.objectives.VerlConfig` is accepted under ``latentx.relax`` / ``latentx.verl``; validation
+is theirs, and errors name the full ``latentx.`` path of the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from latentx.objectives import RelaxConfig, VerlConfig
+
+__all__ = ["OBJECTIVES", "LatentxSettings", "parse_settings", "settings_to_dict"]
+
+#: Objectives the verl plugin runs. ``grpo`` leaves verl untouched (the plugin is inert).
+OBJECTIVES = ("grpo", "relax", "verl")
+
+#: Options that only the verl plugin has (not part of RelaxConfig).
+_RELAX_PLUGIN_KEYS = ("fit_max_trajectories", "dictionary_path")
+
+
+@dataclass
+class LatentxSettings:
+    """Parsed ``latentx`` config.
+
+    Attributes:
+        objective: "grpo" (plain verl), "relax" (ReLaX loss in the actor update) or "verl" (VERL advantage
+            shaping on the driver).
+        relax: ReLaX options (METHODS.md §2-3).  ``refit_every`` must be 0 (fit once, on the first step).
+        verl: VERL options (METHODS.md §1, §3).
+        fit_max_trajectories: at most this many response trajectories of the first step (those of the actor's
+            rank 0) are kept on the CPU to fit the Koopman dictionary; ``None`` keeps all of rank 0's share.
+        dictionary_path: where the fitted dictionary is saved (and re-loaded on resume); the driver fills it
+            with ``<trainer.default_local_dir>/latentx_koopman.safetensors`` when empty.
+        group_size: R, responses per prompt (``actor_rollout_ref.rollout.n``), filled in by the driver.
+    """
+
+    objective: str = "grpo"
+    relax: RelaxConfig = field(default_factory=RelaxConfig)
+    verl: VerlConfig = field(default_factory=VerlConfig)
+    fit_max_trajectories: int | None = 256
+    dictionary_path: str | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"latentx.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.relax.refit_every != 0:
+            raise ValueError(
+                "latentx.relax.refit_every must be 0 with the verl plugin (the dictionary is fitted once, on the "
+                f"first step), got {self.relax.refit_every!r}"
+            )
+        value = self.fit_max_trajectories
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+            raise ValueError(f"latentx.relax.fit_max_trajectories must be an integer >= 2 or null, got {value!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"latentx.group_size must be a positive integer, got {self.group_size!r}")
+
+    @property
+    def needs_rank_signals(self) -> bool:
+        """ER / ERV / ERA per response from the old-log-prob forward (VERL)."""
+        return self.objective == "verl"
+
+    @property
+    def needs_dsd(self) -> bool:
+        """DSD with gradient in the actor update, and a Koopman dictionary (ReLaX)."""
+        return self.objective == "relax"
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf node (or anything mapping-like) as plain python containers."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with verl
+        pass
+    return value
+
+
+def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) latentx.{section}.{', latentx.{section}.'.join(unknown)}")
+    try:
+        return cls(**values)
+    except ValueError as err:  # RelaxConfig / VerlConfig name the field as "relax.x" / "verl.x"
+        message = str(err)
+        raise ValueError(message if message.startswith("latentx.") else f"latentx.{message}") from None
+
+
+def parse_settings(config: Any) -> LatentxSettings:
+    """Build :class:`LatentxSettings` from the ``latentx`` node (DictConfig or dict); ``None`` -> grpo."""
+    raw = _plain(config) or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"latentx must be a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    known = {"objective", "relax", "verl", "group_size"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) latentx.{', latentx.'.join(unknown)}")
+    relax_raw = dict(_plain(raw.get("relax")) or {})
+    plugin = {key: relax_raw.pop(key) for key in _RELAX_PLUGIN_KEYS if key in relax_raw}
+    return LatentxSettings(
+        objective=raw.get("objective", "grpo"),
+        relax=_build(RelaxConfig, "relax", relax_raw),
+        verl=_build(VerlConfig, "verl", dict(_plain(raw.get("verl")) or {})),
+        fit_max_trajectories=plugin.get("fit_max_trajectories", 256),
+        dictionary_path=plugin.get("dictionary_path") or None,
+        group_size=raw.get("group_size"),
+    )
+
+
+def settings_to_dict(settings: LatentxSettings) -> dict[str, Any]:
+    """The inverse of :func:`parse_settings` (plain containers, for OmegaConf / Ray)."""
+    relax = dataclasses.asdict(settings.relax)
+    relax["fit_max_trajectories"] = settings.fit_max_trajectories
+    relax["dictionary_path"] = settings.dictionary_path
+    return {
+        "objective": settings.objective,
+        "relax": relax,
+        "verl": dataclasses.asdict(settings.verl),
+        "group_size": settings.group_size,
+    }

@@ -1,0 +1,130 @@
+"""The driver side: verl's synchronous v1 trainer with latentx's worker and VERL shaping.
+
+Registered in verl's trainer registry (``verl.trainer.ppo.v1.register_trainer``) as ``latentx_sync``, the
+name :mod:`latentx.integrations.verl.main` puts in ``trainer.v1.trainer_mode``.  Relative to verl's
+``PPOTrainerSync`` it changes exactly four things:
+
+* ``__init__``: parses the ``latentx`` block, fills R (``actor_rollout_ref.rollout.n``) and the dictionary
+  path, and copies it to ``actor_rollout_ref.latentx`` (the workers receive only ``actor_rollout_ref``);
+* ``_init_resource_pool_mgr``: the actor role runs :class:`LatentxActorRolloutRefWorker`;
+* ``_compute_advantage``: after verl's estimator, VERL shaping (:mod:`latentx.integrations.verl.advantage`),
+  with the EMA baselines in a :class:`latentx.objectives.VerlShaper` held here, on the driver;
+* ``_save_checkpoint`` / ``_load_checkpoint``: the shaper's state travels with verl's checkpoints
+  (``global_step_N/latentx_state.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import ray
+import torch
+import transfer_queue as tq
+from omegaconf import DictConfig, open_dict
+from tensordict import TensorDict
+from verl.trainer.ppo.utils import Role, need_reference_policy
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.workers.utils.padding import response_to_nested
+
+from latentx.integrations.verl.advantage import SHAPING_FIELDS, shape_advantages
+from latentx.integrations.verl.settings import LatentxSettings, parse_settings, settings_to_dict
+from latentx.integrations.verl.worker import LatentxActorRolloutRefWorker
+from latentx.objectives import VerlShaper
+
+__all__ = ["TRAINER_NAME", "STATE_FILE", "LatentxPPOTrainerSync", "prepare_config"]
+
+logger = logging.getLogger(__name__)
+
+TRAINER_NAME = "latentx_sync"
+STATE_FILE = "latentx_state.json"
+DICTIONARY_FILE = "latentx_koopman.safetensors"
+
+
+def prepare_config(config: DictConfig) -> LatentxSettings:
+    """Validate the ``latentx`` block against the rest of verl's config and copy it to the workers' part."""
+    settings = parse_settings(config.get("latentx"))
+    settings.group_size = int(config.actor_rollout_ref.rollout.n)
+    if settings.objective == "verl" and config.algorithm.adv_estimator == "gae":
+        raise ValueError(
+            "latentx.objective=verl shapes response-level advantages; algorithm.adv_estimator=gae gives "
+            "token-level ones (use grpo or another outcome estimator)"
+        )
+    if settings.objective in ("verl", "relax"):
+        rollout_corr = config.algorithm.get("rollout_correction", None)
+        if rollout_corr is not None and rollout_corr.get("bypass_mode", False):
+            raise ValueError(
+                "latentx needs the actor's old-log-prob forward (hidden states come from it): set "
+                "algorithm.rollout_correction.bypass_mode=False"
+            )
+    if settings.needs_dsd:
+        if settings.relax.beta > 0 and not need_reference_policy(config):
+            raise ValueError(
+                f"latentx.relax.beta={settings.relax.beta} needs reference log-probs: set "
+                "actor_rollout_ref.actor.use_kl_loss=True (with actor_rollout_ref.actor.kl_loss_coef=0.0 for "
+                "ReLaX's KL alone), or latentx.relax.beta=0"
+            )
+        if not settings.dictionary_path:
+            root = config.trainer.default_local_dir
+            settings.dictionary_path = os.path.join(os.path.abspath(root), DICTIONARY_FILE)
+    with open_dict(config):
+        config.actor_rollout_ref.latentx = settings_to_dict(settings)
+    return settings
+
+
+@register_trainer(TRAINER_NAME)
+class LatentxPPOTrainerSync(PPOTrainerSync):
+    """verl's ``PPOTrainerSync`` + latentx (module docstring)."""
+
+    def __init__(self, config: DictConfig):
+        self.latentx_settings = prepare_config(config)
+        self.latentx_shaper = VerlShaper(self.latentx_settings.verl) if self.latentx_settings.needs_rank_signals else None
+        super().__init__(config)
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if self.latentx_settings.objective == "grpo":
+            return
+        for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
+            if role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(LatentxActorRolloutRefWorker)
+
+    def _compute_advantage(self, batch, metrics: dict):
+        batch = super()._compute_advantage(batch, metrics=metrics)
+        if self.latentx_shaper is None:
+            return batch
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(SHAPING_FIELDS))
+        keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags], dtype=torch.bool)
+        shaped, info = shape_advantages(data, self.latentx_shaper, keep)
+        output = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
+        batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+        metrics.update(info)
+        return batch
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        if self.latentx_shaper is None:
+            return
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, STATE_FILE), "w") as handle:
+            json.dump({"verl_shaper": self.latentx_shaper.state_dict()}, handle)
+
+    def _load_checkpoint(self):
+        result = super()._load_checkpoint()
+        if self.latentx_shaper is None or not self.global_steps:
+            return result
+        root = self.config.trainer.default_local_dir
+        if self.config.trainer.resume_mode == "resume_path":
+            folder = self.config.trainer.resume_from_path
+        else:
+            folder = os.path.join(root if os.path.isabs(root) else os.path.join(os.getcwd(), root), f"global_step_{self.global_steps}")
+        path = os.path.join(folder, STATE_FILE)
+        if os.path.exists(path):
+            with open(path) as handle:
+                self.latentx_shaper.load_state_dict(json.load(handle)["verl_shaper"])
+        else:
+            logger.warning("latentx: %s not found; VERL baselines restart from zero", path)
+        return result
