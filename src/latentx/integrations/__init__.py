@@ -1,0 +1,11 @@
+"""Adapters that run latentx's objectives inside other training frameworks.
+
+- :mod:`latentx.integrations.trl` — ``LatentGRPOTrainer`` / ``LatentGRPOConfig`` on top of TRL's
+  ``GRPOTrainer`` (install with ``pip install "latentx[trl]"``).
+
+Sub-modules are imported on demand so that ``import latentx`` never pulls in an optional framework.
+"""
+
+from __future__ import annotations
+
+__all__ = ["trl"]

@@ -1,0 +1,454 @@
+"""``LatentGRPOTrainer``: TRL's ``GRPOTrainer`` with latentx's latent objectives (docs/trl.md).
+
+What is overridden, and why (TRL 1.16; METHODS.md section 3):
+
+- ``_get_per_token_logps_and_entropies``: while a latent capture is armed, a forward hook on the policy's
+  backbone records the completion hidden states of that one call (:mod:`.capture`); the call's
+  log-probabilities are kept for the loss terms.  TRL's fused LM head never returns hidden states.
+- ``_generate_and_score_completions`` (rollout, no grad): for ``verl`` the ER / ERV / ERA of every
+  response shape TRL's advantages; for ``relax`` the Koopman dictionary is fitted on the first batch and
+  the rollout DSDs give the group weights of L_xp.  The states come from TRL's own old-log-prob forward
+  when TRL runs it; otherwise one extra no-grad policy forward is run (docs/trl.md lists when).
+- ``_compute_loss``: TRL's loss (its loss type, clipping, KL, entropy bonus, vLLM importance sampling)
+  plus the latent terms, which need the update forward's hidden states with gradient (ReLaX) or its
+  log-probabilities (KL-Cov).
+- ``_calculate_rewards`` only records the gathered rewards (VERL's performance scaling).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from latentx.dynamics import rank_dynamics
+from latentx.integrations.trl.capture import capture_completion_states, find_backbone
+from latentx.integrations.trl.config import LatentGRPOConfig
+from latentx.integrations.trl.latent import (
+    group_ids,
+    kl_cov_token_sum_correction,
+    relax_group_shares,
+    relax_microbatch_terms,
+    relax_rollout_plan,
+    verl_rollout_step,
+)
+from latentx.integrations.trl.koopman import KoopmanOps
+from latentx.objectives import (
+    KLCovConfig,
+    RelaxConfig,
+    VerlBaselines,
+    VerlConfig,
+    k3_kl,
+    per_response_mean,
+    verl_token_advantages,
+)
+from latentx.objectives.base import valid_only
+
+__all__ = ["LatentGRPOTrainer", "LATENT_STATE_FILE"]
+
+#: Written into every checkpoint folder (VERL baselines, objective name); the Koopman dictionary sits beside it.
+LATENT_STATE_FILE = "latentx_state.json"
+_KOOPMAN_FILE = "latentx_koopman"
+
+# Keys the rollout adds to TRL's per-sample batch (shuffled and split with it; TRL ignores them).
+_RELAX_KEYS = ("latent_dsd_weight", "latent_dsd_rollout", "latent_in_set", "latent_group")
+
+
+@dataclass
+class _Capture:
+    """One armed capture: the next policy call to ``_get_per_token_logps_and_entropies`` is recorded."""
+
+    keep_states: bool  # keep H (loss phase, with grad) instead of reducing each chunk
+    reduce: Any = None  # rollout: callable(H [b, C, d], mask [b, C]) -> None
+    states: list[Tensor] = field(default_factory=list)
+    masks: list[Tensor] = field(default_factory=list)
+    logps: Tensor | None = None
+    fired: bool = False
+
+    def on_chunk(self, states: Tensor, mask: Tensor) -> None:
+        if self.keep_states:
+            self.states.append(states)
+            self.masks.append(mask)
+        if self.reduce is not None:
+            # The hook runs inside TRL's `accelerator.autocast()`: keep the statistics out of mixed precision.
+            with torch.autocast(device_type=states.device.type, enabled=False):
+                self.reduce(states, mask)
+
+
+class LatentGRPOTrainer(GRPOTrainer):
+    """TRL ``GRPOTrainer`` running the latentx objective chosen by ``args.latent_objective``.
+
+    Takes TRL's arguments unchanged, with ``args`` a :class:`LatentGRPOConfig`.  Latent metrics are logged
+    through TRL's ``self._metrics`` under the ``latent/`` prefix.  Latent objectives need a text-only causal
+    LM (the backbone hook reads ``last_hidden_state``).
+
+    Extra attribute: ``latent_records`` — set it to a list to have every latent computation recorded
+    (inputs, TRL's and latentx's numbers); used by the tests, off (None) by default.
+    """
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: LatentGRPOConfig | None = None, **kwargs: Any):
+        if not isinstance(args, LatentGRPOConfig):
+            raise TypeError(f"args must be a LatentGRPOConfig, got {type(args).__name__}")
+        self.latent_objective: str = args.latent_objective
+        self.latent_config = args.method_config()
+        self.latent_records: list[dict[str, Any]] | None = None
+        # β_KL of METHODS.md §3 is TRL's own `beta`.  ReLaX's β·KL on the set I needs reference log-probs even
+        # when β_KL = 0: TRL is then built with a non-zero beta (so it loads the reference and scores it at
+        # rollout) and its loss runs with the user's β_KL (see `_trl_kl_coef`).
+        self._kl_coef = float(args.beta)
+        needs_reference = isinstance(self.latent_config, RelaxConfig) and self.latent_config.beta > 0
+        trl_beta = args.beta if (args.beta != 0.0 or not needs_reference) else self.latent_config.beta
+        user_beta = args.beta
+        args.beta = trl_beta
+        try:
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        finally:
+            args.beta = user_beta
+        if self.latent_objective in ("relax", "verl") and self._is_vlm:
+            raise ValueError(f"latent_objective={self.latent_objective!r} supports text-only causal LMs in the TRL adapter")
+        self._capture: _Capture | None = None
+        self._gathered_rewards: Tensor | None = None
+        self.verl_baselines = VerlBaselines()
+        self.koopman: KoopmanOps | None = None
+        if isinstance(self.latent_config, RelaxConfig):
+            hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
+            self.koopman = KoopmanOps(self.latent_config, hidden_size)
+
+    # ------------------------------------------------------------------------------------------
+    # hidden-state capture
+    # ------------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        capture = self._capture
+        if capture is None or capture.fired:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        capture.fired = True  # exactly one call: the policy forward (TRL's reference forward comes after it)
+        backbone = find_backbone(self.accelerator.unwrap_model(model))
+        with capture_completion_states(backbone, logits_to_keep, capture.on_chunk):
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        capture.logps = result[0]
+        return result
+
+    @contextmanager
+    def _armed(self, capture: _Capture) -> Iterator[_Capture]:
+        self._capture = capture
+        try:
+            yield capture
+        finally:
+            self._capture = None
+
+    def _trl_runs_old_logp_forward(self) -> bool:
+        """TRL 1.16's condition for its no-grad old-log-prob forward in ``_generate_and_score_completions``."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0 or bool(
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+
+    def _policy_rollout_forward(self, output: dict[str, Any]) -> None:
+        """The extra no-grad policy forward, when TRL ran none (same call, chunking and autocast as TRL's)."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            self._get_per_token_logps_and_entropies(
+                self.model,
+                input_ids,
+                attention_mask,
+                output["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # rollout: rewards, advantages, rollout statistics
+    # ------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # [B_global, n_funcs], gathered over processes; weighted sum as TRL logs it, NaN = unscorable.
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        self._gathered_rewards = rewards
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        if mode != "train" or self.latent_objective not in ("relax", "verl"):
+            return super()._generate_and_score_completions(inputs)
+
+        chunks: dict[str, list[Tensor]] = {"er": [], "erv": [], "era": [], "dsd": [], "H": [], "mask": []}
+        fit_now = self.koopman is not None and self.koopman.needs_fit(self.state.global_step)
+        capture = _Capture(keep_states=False, reduce=lambda H, mask: self._reduce_rollout_chunk(H, mask, chunks, fit_now))
+        trl_forward = self._trl_runs_old_logp_forward()
+        if trl_forward:
+            with self._armed(capture):
+                output = super()._generate_and_score_completions(inputs)
+            if "old_per_token_logps" not in output or not capture.fired:
+                raise RuntimeError(
+                    "LatentGRPOTrainer expected TRL's old-log-prob forward to carry the rollout hidden states, but "
+                    "TRL did not run it: this TRL version behaves differently from the supported range"
+                )
+        else:
+            output = super()._generate_and_score_completions(inputs)
+            with self._armed(capture):
+                self._policy_rollout_forward(output)
+        self._metrics[mode]["latent/extra_forward"].append(0.0 if trl_forward else 1.0)
+
+        local_size = output["completion_ids"].size(0)
+        device = output["advantages"].device
+        if isinstance(self.latent_config, VerlConfig):
+            self._apply_verl(output, chunks, mode)
+        else:
+            if fit_now:
+                self._fit_koopman(torch.cat(chunks["H"]), torch.cat(chunks["mask"]), mode)
+                chunks["dsd"] = [self.koopman.dsd(torch.cat(chunks["H"]).to(device), torch.cat(chunks["mask"]).to(device))]
+            self._apply_relax(output, torch.cat(chunks["dsd"]).to(device), local_size, mode)
+        return output
+
+    def _reduce_rollout_chunk(self, H: Tensor, mask: Tensor, chunks: dict[str, list[Tensor]], fit_now: bool) -> None:
+        """Per-chunk rollout statistics, so the whole batch's hidden states are never held at once
+        (except on a dictionary-fit step, where they are kept on the CPU)."""
+        H = H.detach()
+        if isinstance(self.latent_config, VerlConfig):
+            dynamics = rank_dynamics(H, mask, stride=self.latent_config.stride, window=self.latent_config.window)
+            chunks["er"].append(dynamics.er.float())
+            chunks["erv"].append(dynamics.erv.float())
+            chunks["era"].append(dynamics.era.float())
+        elif fit_now:
+            chunks["H"].append(H.float().cpu())
+            chunks["mask"].append(mask.cpu())
+        else:
+            chunks["dsd"].append(self.koopman.dsd(H, mask).float())
+
+    def _apply_verl(self, output: dict[str, Any], chunks: dict[str, list[Tensor]], mode: str) -> None:
+        cfg = self.latent_config
+        assert isinstance(cfg, VerlConfig)
+        trl_advantages = output["advantages"]
+        er, erv, era = (torch.cat(chunks[k]).to(trl_advantages.device) for k in ("er", "erv", "era"))
+        used = self.verl_baselines
+        step = verl_rollout_step(
+            trl_advantages, er, erv, era, used, cfg, self.accelerator.gather, self.accelerator.process_index,
+            rewards=self._gathered_rewards if cfg.performance_scaling else None,
+        )
+        self.verl_baselines = step.baselines
+        if cfg.apply_to == "last_token":
+            mask = output["completion_mask"].bool()
+            output["advantages"] = verl_token_advantages(trl_advantages, step.shaped, mask, "last_token")
+        else:
+            output["advantages"] = step.shaped.to(trl_advantages.dtype)
+        for name, value in step.metrics.items():
+            self._metrics[mode][f"latent/{name}"].append(value)
+        self._record(
+            "verl_rollout",
+            trl_advantages=trl_advantages, shaped=output["advantages"], er=er, erv=erv, era=era,
+            baselines_used=asdict(used), rewards=self._gathered_rewards, output=output,
+        )
+
+    def _apply_relax(self, output: dict[str, Any], dsd: Tensor, local_size: int, mode: str) -> None:
+        cfg = self.latent_config
+        assert isinstance(cfg, RelaxConfig)
+        device = output["advantages"].device
+        groups = group_ids(self.accelerator.process_index, local_size, self.num_generations, device)
+        output["latent_group"] = groups
+        if cfg.lme_scope == "group":
+            plan = relax_rollout_plan(
+                output["advantages"], dsd, groups, cfg, self.accelerator.gather, self.accelerator.process_index
+            )
+            output["latent_dsd_weight"] = plan.dsd_weight
+            output["latent_dsd_rollout"] = plan.dsd_rollout
+            output["latent_in_set"] = plan.in_set
+            # 0-dim tensors ride along unchanged through TRL's shuffle and split.
+            output["latent_xp"] = torch.tensor(plan.xp, device=device)
+            output["latent_set_size"] = torch.tensor(plan.set_size, device=device)
+            for name, value in plan.metrics.items():
+                self._metrics[mode][f"latent/{name}"].append(value)
+        else:
+            gathered = self.accelerator.gather(dsd.float())
+            self._metrics[mode]["latent/dsd_mean"].append(float(gathered.mean()))
+        self._record("relax_rollout", dsd=dsd, output=output)
+
+    def _fit_koopman(self, H: Tensor, mask: Tensor, mode: str) -> None:
+        """Fit the dictionary on process 0's share of the batch and broadcast it (METHODS.md §2)."""
+        assert self.koopman is not None
+        if self.accelerator.is_main_process:
+            loss = self.koopman.fit(H, mask, self.state.global_step)
+        else:
+            loss = float("nan")
+            self.koopman.mark_fitted(self.state.global_step)
+        self.koopman.broadcast_from_main(self.accelerator)
+        self._metrics[mode]["latent/koopman_fit_loss"].append(loss)
+
+    # ------------------------------------------------------------------------------------------
+    # loss
+    # ------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _trl_kl_coef(self) -> Iterator[None]:
+        """Run TRL's loss with the user's β_KL (TRL's ``beta`` may be non-zero only to score the reference)."""
+        rollout_beta = self.beta
+        self.beta = self._kl_coef
+        try:
+            yield
+        finally:
+            self.beta = rollout_beta
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        latent = mode == "train" and self.latent_objective in ("relax", "kl_cov")
+        if not latent:
+            with self._trl_kl_coef():
+                return super()._compute_loss(model, inputs)
+        capture = _Capture(keep_states=self.latent_objective == "relax")
+        with self._armed(capture), self._trl_kl_coef():
+            trl_loss = super()._compute_loss(model, inputs)
+        if not capture.fired or capture.logps is None:
+            raise RuntimeError("TRL's loss forward did not go through _get_per_token_logps_and_entropies")
+        if self.latent_objective == "relax":
+            term = self._relax_term(inputs, capture, mode)
+        else:
+            term = self._kl_cov_term(inputs, capture.logps, mode)
+        loss = trl_loss + term / self.current_gradient_accumulation_steps
+        self._record("loss", inputs=inputs, trl_loss=trl_loss, latent_term=term, loss=loss, logps=capture.logps)
+        return loss
+
+    def _loss_mask(self, inputs: dict[str, Any]) -> Tensor:
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        return mask.bool()
+
+    def _relax_term(self, inputs: dict[str, Any], capture: _Capture, mode: str) -> Tensor:
+        """α·L_xp + β·mean_{i∈I} KL_i of this micro-batch (METHODS.md §3), with the update forward's gradient."""
+        cfg = self.latent_config
+        assert isinstance(cfg, RelaxConfig) and self.koopman is not None
+        H = torch.cat(capture.states)
+        state_mask = torch.cat(capture.masks)
+        dsd = self.koopman.dsd(H, state_mask)  # [b], with grad into the policy
+        logps = capture.logps
+        mask = self._loss_mask(inputs)
+        ref = inputs.get("ref_per_token_logps")
+        kl_i = None
+        if ref is not None:
+            kl_i = per_response_mean(k3_kl(valid_only(logps, mask), valid_only(ref.detach(), mask)), mask)
+        if cfg.lme_scope == "group":
+            num_shares = self.accelerator.num_processes * self.args.steps_per_generation
+            xp, kl = relax_group_shares(
+                dsd, kl_i, inputs["latent_dsd_weight"], inputs["latent_dsd_rollout"], inputs["latent_in_set"],
+                float(inputs["latent_xp"]), int(inputs["latent_set_size"]), num_shares,
+            )
+            drift = (dsd.detach() - inputs["latent_dsd_rollout"]).abs().mean() if dsd.numel() else dsd.sum()
+        else:
+            advantages = inputs["advantages"]
+            if advantages.dim() == 2:
+                advantages = per_response_mean(advantages, mask)
+            xp, kl, _ = relax_microbatch_terms(advantages.float(), dsd, inputs["latent_group"], kl_i, cfg)
+            drift = torch.zeros((), device=dsd.device)
+        term = cfg.alpha * xp + cfg.beta * kl
+        stats = torch.stack([xp.detach(), kl.detach(), dsd.detach().mean(), drift.float()]).float()
+        xp_mean, kl_mean, dsd_mean, drift_mean = self.accelerator.gather(stats).view(-1, 4).mean(dim=0).tolist()
+        self._metrics[mode]["latent/relax/xp"].append(xp_mean)
+        self._metrics[mode]["latent/relax/kl_set_kl"].append(kl_mean)
+        self._metrics[mode]["latent/relax/dsd_update_mean"].append(dsd_mean)
+        self._metrics[mode]["latent/relax/dsd_drift"].append(drift_mean)
+        self._record("relax_loss", dsd=dsd, xp=xp, kl=kl, kl_i=kl_i, H=H, state_mask=state_mask)
+        return term
+
+    def _kl_cov_term(self, inputs: dict[str, Any], logps: Tensor, mode: str) -> Tensor:
+        """KL-Cov's replacement of the clipped surrogate on the top-covariance tokens, normalised as TRL
+        normalises its own token sum for ``loss_type`` (METHODS.md §3 "kl_cov")."""
+        cfg = self.latent_config
+        assert isinstance(cfg, KLCovConfig)
+        mask = self._loss_mask(inputs)
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        token_sum = kl_cov_token_sum_correction(
+            logps, old, inputs["advantages"], mask, cfg, self.epsilon_low, self.epsilon_high
+        )
+        loss_type = self.loss_type
+        if loss_type in ("grpo", "bnpo"):
+            if loss_type == "grpo":
+                raise ValueError("kl_cov does not support loss_type='grpo' (per-sequence normalisation)")
+            normalizer = mask.sum().clamp(min=1).float()
+        elif loss_type == "dr_grpo":
+            normalizer = torch.tensor(float(mask.shape[0] * self.max_completion_length), device=mask.device)
+        elif loss_type == "dapo":
+            # TRL: num_items_in_batch spans the generation batch; rescaled to one accumulation window, and
+            # the result is not divided again by gradient_accumulation_steps (undone below).
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            normalizer = normalizer / self.current_gradient_accumulation_steps
+        else:
+            raise ValueError(f"kl_cov does not support loss_type={loss_type!r}")
+        term = token_sum / normalizer
+        self._metrics[mode]["latent/kl_cov/term"].append(float(self.accelerator.gather(term.detach()).mean()))
+        return term
+
+    # ------------------------------------------------------------------------------------------
+    # state: checkpoints and resume
+    # ------------------------------------------------------------------------------------------
+
+    def latent_state_dict(self) -> dict[str, Any]:
+        """The cross-step latent state as plain JSON-able values (the dictionary is saved separately)."""
+        return {"objective": self.latent_objective, "verl_baselines": asdict(self.verl_baselines)}
+
+    def load_latent_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("objective") != self.latent_objective:
+            raise ValueError(f"latent state is for objective {state.get('objective')!r}, this run is {self.latent_objective!r}")
+        self.verl_baselines = VerlBaselines(**state["verl_baselines"])
+
+    def save_latent_state(self, directory: str) -> None:
+        """Write :data:`LATENT_STATE_FILE` (and the fitted Koopman dictionary) into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, LATENT_STATE_FILE), "w") as fh:
+            json.dump(self.latent_state_dict(), fh)
+        if self.koopman is not None and self.koopman.fitted:
+            self.koopman.save(os.path.join(directory, _KOOPMAN_FILE))
+
+    def load_latent_state(self, directory: str) -> None:
+        path = os.path.join(directory, LATENT_STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist (not a LatentGRPOTrainer checkpoint?)")
+        with open(path) as fh:
+            self.load_latent_state_dict(json.load(fh))
+        if self.koopman is not None:
+            self.koopman.load(os.path.join(directory, _KOOPMAN_FILE))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.save_latent_state(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, LATENT_STATE_FILE)):
+            self.load_latent_state(checkpoint)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _record(self, kind: str, **values: Any) -> None:
+        """Append a detached copy of ``values`` to ``latent_records`` when recording is on (tests)."""
+        if self.latent_records is None:
+            return
+
+        def copy(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                return value.detach().clone()
+            if isinstance(value, dict):
+                return {k: copy(v) for k, v in value.items()}
+            return value
+
+        params = {name: p.detach().clone() for name, p in self.accelerator.unwrap_model(self.model).named_parameters()}
+        self.latent_records.append({"kind": kind, "step": self.state.global_step, "params": params, **copy(values)})
