@@ -1,0 +1,482 @@
+"""Verifiable math grading: pull the final answer out of a response and check it against the reference.
+
+Extraction (:func:`extract_answer`) tries, in this order, and stops at the first that finds something:
+
+1. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces are matched; ``\\boxed 5`` also counts);
+2. the last "the answer is ..." / "final answer: ..." phrase (up to the end of its sentence or line);
+3. the last GSM8K-style ``#### 72`` line;
+4. the last number in the text (``-3``, ``1,000``, ``2.5``, ``3/4``).
+
+Comparison uses Hugging Face ``math-verify`` (``parse`` + ``verify``): both strings are wrapped as
+``\\boxed{...}`` first, because math-verify finds nothing in bare LaTeX such as ``\\frac{\\sqrt2}{2}``.
+
+Time limit — design
+-------------------
+math-verify's own timeout uses ``signal.alarm``: it only works in the main thread, and a signal cannot
+interrupt a long C-level computation anyway (``verify`` on ``9^{9^{9^9}}`` runs big-integer arithmetic
+for minutes). So we switch it off (``parsing_timeout=None``, ``timeout_seconds=None``) and enforce our
+own limit by running the symbolic check in a *reusable worker subprocess*: the caller waits on a pipe
+with a deadline and, if the deadline passes, kills the worker (the next check starts a fresh one).
+This works from any thread, from daemon / pool processes (plain ``subprocess``, not ``multiprocessing``)
+and can never hang.
+
+Keeping the common case cheap:
+
+- answers that are plain numbers on both sides (GSM8K, AIME, AMC, most rewards during training) are
+  decided in-process by exact rational comparison — no subprocess, no sympy — whenever the answer is
+  certain (equal numbers, or different integers); anything else goes to math-verify;
+- workers are started once (about 1 s: importing sympy) and then reused; one idle worker is kept per
+  concurrent caller thread, so a single-threaded training loop uses exactly one;
+- the check inside the worker costs what math-verify costs (a pipe round trip adds ~0.1 ms).
+
+:func:`grade_many` grades a batch on a pool of such workers, driven by one thread each.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["extract_answer", "grade_answer", "grade_many", "normalize_number", "GraderError"]
+
+
+class GraderError(RuntimeError):
+    """The grading worker could not be started (not raised for wrong or unparsable answers)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------------
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_ANSWER_PHRASE = re.compile(
+    r"\b(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=)\s*:?\s*", flags=re.IGNORECASE
+)
+_GSM8K_MARK = re.compile(r"####\s*([^\n]*)")
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
+_PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+_MAX_FAST_CHARS = 200  # longer "numbers" go to math-verify (and its time limit)
+
+
+def _matching_brace(text: str, open_index: int) -> int | None:
+    """Index of the ``}`` closing the ``{`` at ``open_index`` (None when unbalanced)."""
+    depth = 0
+    i = open_index
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":  # skip escaped characters such as \{ and \}
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """Contents of every complete ``\\boxed{..}`` / ``\\fbox{..}`` (and ``\\boxed x``), in order."""
+    found: list[tuple[int, str]] = []
+    for command in _BOX_COMMANDS:
+        start = text.find(command)
+        while start != -1:
+            after = start + len(command)
+            if after < len(text) and text[after] == "{":
+                close = _matching_brace(text, after)
+                if close is not None:
+                    found.append((start, text[after + 1 : close]))
+            elif after < len(text) and text[after] == " ":  # "\boxed 5" (no braces)
+                token = re.match(r" +([^\s$]+)", text[after:])
+                if token:
+                    found.append((start, token.group(1)))
+            start = text.find(command, after)
+    found.sort(key=lambda item: item[0])
+    return [content for _, content in found]
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip()
+    answer = answer.strip("$").strip()
+    for prefix in ("\\(", "\\["):
+        if answer.startswith(prefix):
+            answer = answer[2:]
+    for suffix in ("\\)", "\\]"):
+        if answer.endswith(suffix):
+            answer = answer[:-2]
+    answer = answer.strip().rstrip(".,;").strip()
+    return answer.strip("$").strip()
+
+
+def _phrase_answer(text: str) -> str | None:
+    matches = list(_ANSWER_PHRASE.finditer(text))
+    for match in reversed(matches):
+        rest = text[match.end() :]
+        line = rest.split("\n", 1)[0]
+        # end of sentence: a period followed by a space / end (not a decimal point)
+        sentence = re.split(r"\.(?=\s|$)", line, maxsplit=1)[0]
+        answer = _clean(sentence)
+        if answer:
+            return answer
+    return None
+
+
+def extract_answer(response: str) -> str | None:
+    """The final answer of ``response`` as a string, or None when there is none.
+
+    Order: last ``\\boxed{}``/``\\fbox{}`` → last "answer is ..." → last ``#### ...`` → last number.
+    Surrounding ``$`` and ``\\( \\)`` and trailing punctuation are stripped.
+    """
+    if not isinstance(response, str):
+        raise TypeError(f"response must be a str, got {type(response).__name__}")
+    boxes = [_clean(box) for box in _boxed_contents(response)]
+    boxes = [box for box in boxes if box]
+    if boxes:
+        return boxes[-1]
+    phrase = _phrase_answer(response)
+    if phrase:
+        return phrase
+    marks = [_clean(m.group(1)) for m in _GSM8K_MARK.finditer(response)]
+    marks = [m for m in marks if m]
+    if marks:
+        return marks[-1]
+    numbers = _NUMBER.findall(response)
+    if numbers:
+        return re.sub(r"\s+", "", numbers[-1]).replace(",", "")
+    return None
+
+
+def normalize_number(text: str) -> str:
+    """``"72.0"`` → ``"72"``, ``"1,000"`` → ``"1000"``, ``"-0.50"`` → ``"-0.5"``; other text unchanged."""
+    stripped = text.strip()
+    candidate = stripped.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", stripped) else stripped
+    if not _PLAIN_NUMBER.fullmatch(candidate):
+        return text
+    if "." in candidate:
+        candidate = candidate.rstrip("0").rstrip(".") or "0"
+        if candidate in ("-", "-0", ""):
+            candidate = "0"
+    return candidate
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_plain_number(text: str) -> Fraction | None:
+    text = text.strip().strip("$").strip()
+    if len(text) > _MAX_FAST_CHARS or not _PLAIN_NUMBER.fullmatch(text):
+        return None
+    return Fraction(text)
+
+
+def _fast_verdict(pred: str, gold: str) -> bool | None:
+    """Exact in-process answer for plain numbers when it is certain; None = ask math-verify.
+
+    Equal numbers are equal. Different *integers* are different. Different decimals are left to
+    math-verify, which rounds to 6 places (so ``0.3333333`` matches ``0.333333``).
+    """
+    a, b = _as_plain_number(pred), _as_plain_number(gold)
+    if a is None or b is None:
+        return None
+    if a == b:
+        return True
+    if a.denominator == 1 and b.denominator == 1:
+        return False
+    return None
+
+
+def _wrap(answer: str) -> str:
+    """Wrap a bare answer so that math-verify's LaTeX extractor finds it."""
+    answer = answer.strip()
+    if _boxed_contents(answer):
+        return answer
+    depth = 0
+    balanced = True
+    for ch in answer.replace("\\{", "").replace("\\}", ""):
+        depth += ch == "{"
+        depth -= ch == "}"
+        balanced &= depth >= 0
+    if balanced and depth == 0:
+        return "\\boxed{" + answer + "}"
+    return "$" + answer.replace("$", "") + "$"
+
+
+def _gold_answer(gold: str) -> str:
+    """The reference final answer; a full solution (with ``\\boxed`` or ``####``) is reduced to it."""
+    if "\\boxed" in gold or "\\fbox" in gold or "####" in gold:
+        extracted = extract_answer(gold)
+        if extracted:
+            return extracted
+    return gold.strip()
+
+
+_mv_ready = False
+
+
+def _math_verify_equal(pred: str, gold: str) -> bool:
+    """math-verify comparison with its signal-based timeouts disabled (no limit: call in a worker)."""
+    global _mv_ready
+    import logging
+
+    from math_verify import parse, verify
+
+    if not _mv_ready:
+        # We disable math-verify's timeouts on purpose; silence its warning about it.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        _mv_ready = True
+    gold_parsed = parse(_wrap(gold), parsing_timeout=None)
+    pred_parsed = parse(_wrap(pred), parsing_timeout=None)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker subprocesses (the time limit)
+# --------------------------------------------------------------------------------------------------
+
+_WORKER_START_LIMIT_S = 120.0
+_WORKER_RUN_NAME = "__latentx_grading_worker__"
+_WORKER_BOOT = f"import runpy, sys; runpy.run_path(sys.argv[1], run_name={_WORKER_RUN_NAME!r})"
+
+
+def _worker_main() -> None:  # pragma: no cover - runs in the worker subprocess
+    """Serve JSON-line requests ``{"pred", "gold"}`` on stdin; answer ``{"equal"}`` on the real stdout."""
+    protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints from libraries go to stderr, never into the protocol
+    _math_verify_equal("1", "\\frac{2}{2}")  # warm up (imports sympy and the LaTeX parser)
+    protocol_out.write('{"ready": true}\n')
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = {"equal": _math_verify_equal(request["pred"], request["gold"])}
+        except Exception as error:  # noqa: BLE001 - any failure is a wrong answer, reported as such
+            reply = {"equal": False, "error": f"{type(error).__name__}: {error}"}
+        protocol_out.write(json.dumps(reply) + "\n")
+
+
+class _Worker:
+    """One grading subprocess, talked to over pipes with a deadline."""
+
+    def __init__(self) -> None:
+        # Run this very file in isolated mode (-I): the worker imports only the standard library and
+        # math-verify, not the latentx package (whose task registry may pull in heavy libraries).
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-c", _WORKER_BOOT, str(Path(__file__).resolve())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self._buffer = b""
+        ready = self._read_line(time.monotonic() + _WORKER_START_LIMIT_S)
+        if ready is None or not json.loads(ready).get("ready"):
+            self.close()
+            self._stderr.seek(0)
+            detail = self._stderr.read().decode(errors="replace")[-2000:]
+            raise GraderError(f"the math grading worker did not start:\n{detail}")
+
+    def _read_line(self, deadline: float) -> str | None:
+        """One line from the worker, or None when the deadline passes or the worker dies."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if not readable:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:  # worker exited
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def check(self, pred: str, gold: str, timeout: float) -> bool | None:
+        """math-verify verdict, or None when it took longer than ``timeout`` (the worker is then dead)."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write((json.dumps({"pred": pred, "gold": gold}) + "\n").encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.close()
+            return None
+        line = self._read_line(time.monotonic() + timeout)
+        if line is None:
+            self.close()
+            return None
+        return bool(json.loads(line)["equal"])
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._stderr.close()
+
+
+class _WorkerPool:
+    """Idle workers shared by the threads of this process (one is created per concurrent caller)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._pid = os.getpid()
+        self.max_idle = max(2, os.cpu_count() or 2)
+
+    def acquire(self) -> _Worker:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: those workers belong to the parent
+                self._idle, self._pid = [], os.getpid()
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.alive:
+                    return worker
+        return _Worker()
+
+    def release(self, worker: _Worker) -> None:
+        if not worker.alive:
+            return
+        with self._lock:
+            if self._pid == os.getpid() and len(self._idle) < self.max_idle:
+                self._idle.append(worker)
+                return
+        worker.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        if self._pid == os.getpid():
+            for worker in idle:
+                worker.close()
+
+
+_POOL = _WorkerPool()
+atexit.register(_POOL.close_all)
+
+
+def _check_with_limit(pred: str, gold: str, timeout: float) -> bool:
+    worker = _POOL.acquire()
+    try:
+        verdict = worker.check(pred, gold, timeout)
+    finally:
+        _POOL.release(worker)
+    return bool(verdict)  # None (timed out) counts as wrong
+
+
+def _validate_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+def grade_answer(response: str, gold: str, timeout: float | None = 5.0) -> bool:
+    """True when the final answer of ``response`` equals the reference ``gold``.
+
+    ``gold`` is the reference final answer (``"72"``, ``"\\frac{\\sqrt2}{2}"``, ``"(3, \\pi/2)"``); a full
+    solution containing ``\\boxed{}`` or ``#### x`` is reduced to its final answer. A response with no
+    extractable answer is wrong. The symbolic check runs in a reusable worker process and counts as
+    wrong when it takes longer than ``timeout`` seconds; ``timeout=None`` runs it in-process without
+    any limit (only for trusted input). Safe to call from any thread.
+    """
+    if not isinstance(response, str):
+        raise TypeError(f"response must be a str, got {type(response).__name__}")
+    if not isinstance(gold, str):
+        raise TypeError(f"gold must be a str, got {type(gold).__name__}")
+    _validate_timeout(timeout)
+    pred = extract_answer(response)
+    gold_answer = _gold_answer(gold)
+    if pred is None or not gold_answer:
+        return False
+    fast = _fast_verdict(pred, gold_answer)
+    if fast is not None:
+        return fast
+    if timeout is None:
+        return _math_verify_equal(pred, gold_answer)
+    return _check_with_limit(pred, gold_answer, timeout)
+
+
+def grade_many(
+    responses: Sequence[str],
+    golds: Sequence[str],
+    timeout: float | None = 5.0,
+    workers: int | None = None,
+    progress: bool = False,
+) -> list[bool]:
+    """:func:`grade_answer` over pairs, on a pool of ``workers`` grading processes (default: CPU count).
+
+    Plain-number answers are decided in-process first; the rest are spread over the pool. Each check
+    has its own ``timeout``; a check that runs past it counts as wrong and its worker is replaced.
+    """
+    if len(responses) != len(golds):
+        raise ValueError(f"responses and golds differ in length: {len(responses)} vs {len(golds)}")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    _validate_timeout(timeout)
+    results: list[bool] = [False] * len(responses)
+    pending: list[tuple[int, str, str]] = []
+    for i, (response, gold) in enumerate(zip(responses, golds)):
+        if not isinstance(response, str) or not isinstance(gold, str):
+            raise TypeError(f"pair {i}: response and gold must be str, got "
+                            f"{type(response).__name__} and {type(gold).__name__}")
+        pred, gold_answer = extract_answer(response), _gold_answer(gold)
+        if pred is None or not gold_answer:
+            continue
+        fast = _fast_verdict(pred, gold_answer)
+        if fast is not None:
+            results[i] = fast
+        else:
+            pending.append((i, pred, gold_answer))
+    if not pending:
+        return results
+
+    def run(item: tuple[int, str, str]) -> tuple[int, bool]:
+        i, pred, gold_answer = item
+        if timeout is None:
+            return i, _math_verify_equal(pred, gold_answer)
+        return i, _check_with_limit(pred, gold_answer, timeout)
+
+    from tqdm.auto import tqdm
+
+    if timeout is None or workers == 1:
+        iterator = map(run, pending)
+        for i, ok in tqdm(iterator, total=len(pending), desc="grading", disable=not progress):
+            results[i] = ok
+        return results
+    _POOL.max_idle = max(_POOL.max_idle, workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, ok in tqdm(pool.map(run, pending), total=len(pending), desc="grading", disable=not progress):
+            results[i] = ok
+    return results
+
+
+if __name__ == _WORKER_RUN_NAME:  # pragma: no cover - the worker subprocess
+    _worker_main()
