@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from latentx.integrations.verl import PLUGIN_MODULE
 from latentx.integrations.verl.settings import parse_settings
@@ -31,11 +31,8 @@ def add_plugin_to_runtime_env(config: DictConfig) -> None:
     if PLUGIN_MODULE not in modules:
         modules.append(PLUGIN_MODULE)
     os.environ["VERL_USE_EXTERNAL_MODULES"] = ",".join(modules)
-    with open_dict(config):
-        ray_init = config.ray_kwargs.setdefault("ray_init", {})
-        runtime_env = ray_init.setdefault("runtime_env", {})
-        env_vars = runtime_env.setdefault("env_vars", {})
-        env_vars["VERL_USE_EXTERNAL_MODULES"] = os.environ["VERL_USE_EXTERNAL_MODULES"]
+    key = "ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"
+    OmegaConf.update(config, key, os.environ["VERL_USE_EXTERNAL_MODULES"], force_add=True)
 
 
 def check_config(config: DictConfig) -> None:

@@ -161,6 +161,9 @@ class LatentxEngineHook:
         self.state = DictionaryState(settings)
         self.capture = HiddenStateCapture(find_backbone(engine.module))
         self.hidden_size: int | None = None
+        #: Debug / test aid: keep the last micro-batch's (H, mask) in :attr:`last_trajectories` (off: memory).
+        self.keep_last = False
+        self.last_trajectories: tuple[Tensor, Tensor] | None = None
         self._original = engine.prepare_model_outputs
         engine.prepare_model_outputs = self.prepare_model_outputs  # this instance only
 
@@ -183,7 +186,9 @@ class LatentxEngineHook:
         gather = self.engine._gather_and_unpad_packed if (use_rmpad and sp) else None
         packed = packed_hidden_states(hidden, micro_batch, use_rmpad, int(output_args.get("pad_size", 0) or 0), gather)
         self.hidden_size = int(packed.shape[-1])
-        return response_trajectories(packed, micro_batch)
+        H, mask = response_trajectories(packed, micro_batch)
+        self.last_trajectories = (H, mask) if self.keep_last else None
+        return H, mask
 
     def prepare_model_outputs(self, output: Any, output_args: dict, micro_batch: Any, logits_processor_func: Any):
         model_output = self._original(
