@@ -209,10 +209,12 @@ class LatentGRPOTrainer(GRPOTrainer):
         if isinstance(self.latent_config, VerlConfig):
             self._apply_verl(output, chunks, mode)
         else:
+            fit_states = None
             if fit_now:
-                self._fit_koopman(torch.cat(chunks["H"]), torch.cat(chunks["mask"]), mode)
-                chunks["dsd"] = [self.koopman.dsd(torch.cat(chunks["H"]).to(device), torch.cat(chunks["mask"]).to(device))]
-            self._apply_relax(output, torch.cat(chunks["dsd"]).to(device), local_size, mode)
+                fit_states = (torch.cat(chunks["H"]), torch.cat(chunks["mask"]))
+                self._fit_koopman(*fit_states, mode)
+                chunks["dsd"] = [self.koopman.dsd(fit_states[0].to(device), fit_states[1].to(device))]
+            self._apply_relax(output, torch.cat(chunks["dsd"]).to(device), local_size, mode, fit_states)
         return output
 
     def _reduce_rollout_chunk(self, H: Tensor, mask: Tensor, chunks: dict[str, list[Tensor]], fit_now: bool) -> None:
@@ -254,7 +256,9 @@ class LatentGRPOTrainer(GRPOTrainer):
             baselines_used=asdict(used), rewards=self._gathered_rewards, output=output,
         )
 
-    def _apply_relax(self, output: dict[str, Any], dsd: Tensor, local_size: int, mode: str) -> None:
+    def _apply_relax(
+        self, output: dict[str, Any], dsd: Tensor, local_size: int, mode: str, fit_states: tuple | None
+    ) -> None:
         cfg = self.latent_config
         assert isinstance(cfg, RelaxConfig)
         device = output["advantages"].device
@@ -275,7 +279,7 @@ class LatentGRPOTrainer(GRPOTrainer):
         else:
             gathered = self.accelerator.gather(dsd.float())
             self._metrics[mode]["latent/dsd_mean"].append(float(gathered.mean()))
-        self._record("relax_rollout", dsd=dsd, output=output)
+        self._record("relax_rollout", dsd=dsd, output=output, fit_states=fit_states)
 
     def _fit_koopman(self, H: Tensor, mask: Tensor, mode: str) -> None:
         """Fit the dictionary on process 0's share of the batch and broadcast it (METHODS.md §2)."""
@@ -314,11 +318,14 @@ class LatentGRPOTrainer(GRPOTrainer):
         if not capture.fired or capture.logps is None:
             raise RuntimeError("TRL's loss forward did not go through _get_per_token_logps_and_entropies")
         if self.latent_objective == "relax":
-            term = self._relax_term(inputs, capture, mode)
+            term, details = self._relax_term(inputs, capture, mode)
         else:
-            term = self._kl_cov_term(inputs, capture.logps, mode)
+            term, details = self._kl_cov_term(inputs, capture.logps, mode)
         loss = trl_loss + term / self.current_gradient_accumulation_steps
-        self._record("loss", inputs=inputs, trl_loss=trl_loss, latent_term=term, loss=loss, logps=capture.logps)
+        self._record(
+            f"{self.latent_objective}_loss",
+            inputs=inputs, trl_loss=trl_loss, latent_term=term, loss=loss, logps=capture.logps, **details,
+        )
         return loss
 
     def _loss_mask(self, inputs: dict[str, Any]) -> Tensor:
@@ -327,7 +334,7 @@ class LatentGRPOTrainer(GRPOTrainer):
             mask = mask * inputs["tool_mask"]
         return mask.bool()
 
-    def _relax_term(self, inputs: dict[str, Any], capture: _Capture, mode: str) -> Tensor:
+    def _relax_term(self, inputs: dict[str, Any], capture: _Capture, mode: str) -> tuple[Tensor, dict[str, Any]]:
         """α·L_xp + β·mean_{i∈I} KL_i of this micro-batch (METHODS.md §3), with the update forward's gradient."""
         cfg = self.latent_config
         assert isinstance(cfg, RelaxConfig) and self.koopman is not None
@@ -360,10 +367,9 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["latent/relax/kl_set_kl"].append(kl_mean)
         self._metrics[mode]["latent/relax/dsd_update_mean"].append(dsd_mean)
         self._metrics[mode]["latent/relax/dsd_drift"].append(drift_mean)
-        self._record("relax_loss", dsd=dsd, xp=xp, kl=kl, kl_i=kl_i, H=H, state_mask=state_mask)
-        return term
+        return term, {"dsd": dsd, "xp": xp, "kl": kl, "kl_i": kl_i, "H": H, "state_mask": state_mask}
 
-    def _kl_cov_term(self, inputs: dict[str, Any], logps: Tensor, mode: str) -> Tensor:
+    def _kl_cov_term(self, inputs: dict[str, Any], logps: Tensor, mode: str) -> tuple[Tensor, dict[str, Any]]:
         """KL-Cov's replacement of the clipped surrogate on the top-covariance tokens, normalised as TRL
         normalises its own token sum for ``loss_type`` (METHODS.md §3 "kl_cov")."""
         cfg = self.latent_config
@@ -375,9 +381,7 @@ class LatentGRPOTrainer(GRPOTrainer):
             logps, old, inputs["advantages"], mask, cfg, self.epsilon_low, self.epsilon_high
         )
         loss_type = self.loss_type
-        if loss_type in ("grpo", "bnpo"):
-            if loss_type == "grpo":
-                raise ValueError("kl_cov does not support loss_type='grpo' (per-sequence normalisation)")
+        if loss_type == "bnpo":
             normalizer = mask.sum().clamp(min=1).float()
         elif loss_type == "dr_grpo":
             normalizer = torch.tensor(float(mask.shape[0] * self.max_completion_length), device=mask.device)
@@ -391,7 +395,7 @@ class LatentGRPOTrainer(GRPOTrainer):
             raise ValueError(f"kl_cov does not support loss_type={loss_type!r}")
         term = token_sum / normalizer
         self._metrics[mode]["latent/kl_cov/term"].append(float(self.accelerator.gather(term.detach()).mean()))
-        return term
+        return term, {"old_logps": old, "token_sum": token_sum}
 
     # ------------------------------------------------------------------------------------------
     # state: checkpoints and resume
