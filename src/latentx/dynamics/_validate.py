@@ -62,11 +62,15 @@ def check_trajectories(H: object, mask: object, name: str = "H", mask_name: str 
         raise ValueError(f"{name} has hidden size d = 0")
     mask_b = check_mask(mask, (H.shape[0], H.shape[1]), H.device, mask_name)
     if H.numel():
-        finite_rows = torch.isfinite(H.detach()).all(dim=-1)
-        bad = (mask_b & ~finite_rows).any(dim=1)
-        if bool(bad.any()):
-            i = first_bad_index(bad)
-            raise ValueError(f"{name} has non-finite values (NaN or inf) in response {i}")
+        # One cheap pass first: a row sum is finite when every entry is (NaN / inf propagate).  Only when
+        # some sum is not (a non-finite entry, or an overflow of huge finite values) do the exact check.
+        row_sums = H.detach().sum(dim=-1, dtype=torch.float64 if H.dtype == torch.float64 else torch.float32)
+        if not bool(torch.isfinite(row_sums).all()):
+            finite_rows = torch.isfinite(H.detach()).all(dim=-1)
+            bad = (mask_b & ~finite_rows).any(dim=1)
+            if bool(bad.any()):
+                i = first_bad_index(bad)
+                raise ValueError(f"{name} has non-finite values (NaN or inf) in response {i}")
     return H, mask_b
 
 
@@ -86,6 +90,8 @@ def pack_valid(H: Tensor, mask: Tensor, dtype: torch.dtype | None = None) -> tup
     else:
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :t_max]
         X = torch.gather(H, 1, order[:, :, None].expand(B, t_max, d))
-    valid = positions[None, :t_max] < lengths[:, None]
-    X = torch.where(valid[:, :, None], X.to(dtype), torch.zeros((), dtype=dtype, device=H.device))
+    X = X.to(dtype)
+    if B and int(lengths.min()) < t_max:  # some rows are padded: replace (never multiply) them by zeros
+        valid = positions[None, :t_max] < lengths[:, None]
+        X = torch.where(valid[:, :, None], X, torch.zeros((), dtype=dtype, device=H.device))
     return X, lengths

@@ -9,7 +9,8 @@ EUSIPCO 2007):
 Numerics shared by every function here
 ---------------------------------------
 * sigma is read from the eigenvalues of the smaller of the centered Gram X~X~^T (k x k) and the covariance
-  X~^T X~ (d x d), formed and solved in **float64**: sigma = sqrt(max(eig, 0)).
+  X~^T X~ (d x d), centered, formed and solved in **float64** (also for float32 input, whose values are
+  exactly representable in float64): sigma = sqrt(max(eig, 0)).
 * Each response is divided by c = max|X~| before forming those matrices (so any finite input, e.g. 1e6 or
   1e200 in float64, is safe), and the ``+1e-8`` of the denominator becomes ``1e-8 / c``: the result is
   *identical* to the formula on the raw scale, not an approximation.
@@ -72,16 +73,12 @@ def _center_and_scale(X: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 def _effective_rank_packed(X: Tensor, lengths: Tensor) -> Tensor:
     """ER of packed trajectories ``X: [B, T, d]`` (valid prefix of length ``lengths``, zero padding)."""
     B, T, d = X.shape
-    out_dtype = X.dtype
-    if B == 0:
-        return X.new_zeros(0)
-    if T < 2:
-        return X.new_zeros(B)
-    Xs, scale = _center_and_scale(X, lengths)
-    Xs = Xs.double()
+    if T < 2:  # zeros that stay attached to the graph, so that .backward() works on any batch
+        return X[:, :0].sum(dim=(1, 2))
+    Xs, scale = _center_and_scale(X.double(), lengths)  # centering in float64: exact for float32 input
     gram = Xs @ Xs.mT if T <= d else Xs.mT @ Xs  # padded rows are zero: they only add zero eigenvalues
-    er = _er_from_eigenvalues(torch.linalg.eigvalsh(gram), _ER_EPS / scale.double())
-    return torch.where(lengths >= 2, er, torch.zeros_like(er)).to(out_dtype)
+    er = _er_from_eigenvalues(torch.linalg.eigvalsh(gram), _ER_EPS / scale)
+    return torch.where(lengths >= 2, er, torch.zeros_like(er)).to(X.dtype)
 
 
 def effective_rank(H: Tensor, mask: Tensor) -> Tensor:
@@ -168,9 +165,8 @@ def _prefix_effective_ranks(X: Tensor, lengths: Tensor, stride: int, n_windows: 
     m = torch.zeros(B, k_max, dtype=torch.float64, device=X.device)
     if k_max == 0:
         return m
-    Xs, scale = _center_and_scale(X, lengths)  # centering by the full mean is a shift: exact for every prefix
-    Xs = Xs.double()
-    eps = _ER_EPS / scale.double()
+    Xs, scale = _center_and_scale(X.double(), lengths)  # a shift by the full mean: exact for every prefix
+    eps = _ER_EPS / scale
     sizes = [k * stride + 1 for k in range(1, k_max + 1)]
     n_gram = max([n for n in sizes if n <= d], default=0)
     gram = Xs[:, :n_gram] @ Xs[:, :n_gram].mT if n_gram else None
