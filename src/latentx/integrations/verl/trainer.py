@@ -68,7 +68,7 @@ def prepare_config(config: DictConfig) -> LatentxSettings:
             )
         if not settings.dictionary_path:
             root = config.trainer.default_local_dir
-            settings.dictionary_path = os.path.join(os.path.abspath(root), DICTIONARY_FILE)
+            settings.dictionary_path = os.path.join(os.path.abspath(str(root)), DICTIONARY_FILE)
     with open_dict(config):
         config.actor_rollout_ref.latentx = settings_to_dict(settings)
     return settings
