@@ -127,3 +127,21 @@ def test_grpo_config_validation_names_the_field() -> None:
         GRPOConfig(kl_coef=-1.0)
     with pytest.raises(ValueError, match=r"grpo\.advantage_std"):
         GRPOConfig(advantage_std="no")  # type: ignore[arg-type]
+
+
+def test_extreme_log_ratios_do_not_overflow() -> None:
+    # A rollout log-prob of −1e4 would make ρ = e^{1e4} = inf; with Â = 0 that is 0·inf = NaN unclamped.
+    old = torch.tensor([[-1e4, -1.0], [-1.0, -1e4]])
+    logp = torch.tensor([[-1.0, -1e4], [-1.0, -1.0]], requires_grad=True)
+    batch = PolicyBatch(
+        logp=logp,
+        old_logp=old,
+        mask=torch.ones(2, 2, dtype=torch.bool),
+        advantages=torch.tensor([0.0, -1.0]),
+        group=torch.tensor([0, 0]),
+        ref_logp=torch.full((2, 2), -1.0),
+    )
+    out = grpo_loss(batch, GRPOConfig(kl_coef=0.1))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(logp.grad).all()

@@ -224,6 +224,15 @@ def test_clip_cov_detaches_only_tokens_in_the_band() -> None:
     assert batch.logp.grad[0, 2].item() == pytest.approx(-3.0 / 8)  # −Aρ/N on a kept token
 
 
+def test_clip_cov_band_edges_come_from_the_config() -> None:
+    adv_tok = CC_ADV[:, None].expand(2, 4)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    narrow = ClipCovConfig(ratio=1.0, cov_low=1.0, cov_high=3.0)
+    assert _cells(clip_cov_select(CC_LOGP, CC_LOGP, adv_tok, mask, narrow, GRPOConfig())) == {(0, 1), (0, 3)}
+    low = ClipCovConfig(ratio=1.0, cov_low=-2.0, cov_high=0.5)
+    assert _cells(clip_cov_select(CC_LOGP, CC_LOGP, adv_tok, mask, low, GRPOConfig())) == {(0, 2), (1, 2)}
+
+
 def test_clip_cov_budget_and_generator() -> None:
     cfg, clip = ClipCovConfig(), GRPOConfig()  # ratio 0.0002 of 8 tokens -> budget max(1, 0) = 1
     adv_tok = CC_ADV[:, None].expand(2, 4)

@@ -33,8 +33,15 @@ __all__ = [
     "token_mean",
     "per_response_mean",
     "k3_kl",
+    "masked_log_ratio",
+    "valid_only",
     "to_floats",
 ]
+
+#: Log-ratios (log π_θ − log π_old) and KL log-differences are clamped to ±LOG_RATIO_CLAMP before exp(),
+#: as verl does, so a degenerate token (e.g. a rollout log-prob of −1e4) cannot overflow to inf/NaN.
+#: Within the clamp the formulas are exact; beyond it the token has no gradient through the ratio.
+LOG_RATIO_CLAMP = 20.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,10 +190,12 @@ class PolicyBatch:
         with torch.no_grad():
             for name in ("logp", "old_logp", "ref_logp", "entropy"):
                 value = getattr(self, name)
-                if value is not None and not bool(torch.isfinite(value[self.mask]).all()):
+                if value is not None and not bool((torch.isfinite(value) | ~self.mask).all()):
                     raise ValueError(f"batch.{name} has a non-finite value at a valid (mask=True) token")
-            adv_read = self.advantages[self.mask] if self.advantages.dim() == 2 else self.advantages
-            if not bool(torch.isfinite(adv_read).all()):
+            adv_ok = torch.isfinite(self.advantages)
+            if self.advantages.dim() == 2:
+                adv_ok = adv_ok | ~self.mask
+            if not bool(adv_ok.all()):
                 raise ValueError("batch.advantages has a non-finite value")
             if self.dsd is not None and not bool(torch.isfinite(self.dsd).all()):
                 raise ValueError("batch.dsd has a non-finite value")
@@ -269,11 +278,11 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 KL estimator to a frozen reference (METHODS.md §3; Schulman 2020).
 
     ``k3 = exp(δ) - δ - 1`` with ``δ = log π_ref - log π_θ``; always >= 0, an unbiased estimate of
-    KL(π_θ ‖ π_ref) when tokens are sampled from π_θ.  Elementwise, in float32, no clamping (as TRL;
-    verl additionally clamps δ to [-20, 20]).  Callers must zero padded positions first (see
+    KL(π_θ ‖ π_ref) when tokens are sampled from π_θ.  Elementwise, in float32; δ is clamped to
+    [-20, 20] (as verl's "low_var_kl"; exact inside that range).  Callers must zero padded positions first (see
     :func:`masked_mean`) if the padding may hold garbage.
     """
-    delta = ref_logp.float() - logp.float()
+    delta = torch.clamp(ref_logp.float() - logp.float(), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.exp(delta) - delta - 1.0
 
 
@@ -297,3 +306,12 @@ def valid_only(values: Tensor, mask: Tensor) -> Tensor:
     """``values`` upcast to float32 with padded positions replaced by 0 (keeps the gradient at valid ones)."""
     values = values.float()
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def masked_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """``log π_θ − log π_old`` in float32, 0 at padding (so ρ = 1 there), clamped to ±LOG_RATIO_CLAMP.
+
+    ``old_logp`` is treated as a constant.  The gradient flows to ``logp`` at valid tokens.
+    """
+    log_ratio = valid_only(logp, mask) - valid_only(old_logp.detach(), mask)
+    return torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)

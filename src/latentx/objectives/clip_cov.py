@@ -23,6 +23,7 @@ from latentx.objectives.base import (
     LossOutput,
     PolicyBatch,
     _check_range,
+    masked_log_ratio,
     masked_mean,
     to_floats,
     token_mean,
@@ -68,8 +69,7 @@ def clip_cov_candidates(
     """Bool ``[B, T]``: valid tokens with cov_t in [cov_low, cov_high] that the PPO clip does not already cut."""
     cov = token_covariance(logp, adv_tok, mask)
     with torch.no_grad():
-        log_ratio = valid_only(logp, mask) - valid_only(old_logp, mask)
-        ratio = torch.exp(log_ratio)
+        ratio = torch.exp(masked_log_ratio(logp, old_logp, mask))
         adv = valid_only(adv_tok, mask)
         already_clipped = -adv * torch.clamp(ratio, 1.0 - clip.clip_low, 1.0 + clip.clip_high) > -adv * ratio
     return mask & ~already_clipped & (cov >= cfg.cov_low) & (cov <= cfg.cov_high)

@@ -18,6 +18,7 @@ from latentx.objectives.base import (
     LossOutput,
     PolicyBatch,
     k3_kl,
+    masked_log_ratio,
     masked_mean,
     to_floats,
     token_mean,
@@ -80,10 +81,10 @@ def group_advantages(
     if std_normalize:
         sq = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, index, centred**2)
         std = torch.sqrt(sq / (count - 1).clamp(min=1))
-        adv = centred / (std[index] + eps)
+        adv = centred / (std[index] + eps)  # all-equal group: 0 / (0 + eps) = 0
     else:
         adv = centred
-    adv = torch.where(count[index] > 1, adv, torch.zeros_like(adv))  # singleton groups: no baseline
+    # A singleton group needs no special case: r − mean = 0 exactly, and its std is 0.
     return adv.to(torch.float32)
 
 
@@ -98,7 +99,8 @@ def clipped_surrogate(
     """Per-token PPO/GRPO clipped surrogate loss (METHODS.md §3).
 
     ``loss_t = max(−Â_t ρ_t, −Â_t clip(ρ_t, 1 − clip_low, 1 + clip_high))`` (= −min(ρÂ, clip(ρ)Â)),
-    with ``ρ_t = exp(logp_t − old_logp_t)``; 0 at padded tokens.
+    with ``ρ_t = exp(logp_t − old_logp_t)`` (the log-ratio clamped to ±20 as in verl, for overflow safety);
+    0 at padded tokens.
 
     Args:
         logp, old_logp, adv_tok: ``[B, T]``; ``adv_tok`` is treated as a constant (no grad).
@@ -110,7 +112,7 @@ def clipped_surrogate(
         no gradient), ``clip_frac_low`` / ``clip_frac_high`` (ratio below 1 − ε_lo with Â < 0 / above
         1 + ε_hi with Â > 0), ``ratio_mean``, ``approx_kl`` (token mean of log π_old − log π_θ).
     """
-    log_ratio = valid_only(logp, mask) - valid_only(old_logp.detach(), mask)  # 0 at padding -> ρ = 1
+    log_ratio = masked_log_ratio(logp, old_logp, mask)  # 0 at padding -> ρ = 1; clamped to ±20
     adv = valid_only(adv_tok.detach(), mask)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio

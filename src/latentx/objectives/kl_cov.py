@@ -27,6 +27,7 @@ from latentx.objectives.base import (
     LossOutput,
     PolicyBatch,
     _check_range,
+    masked_log_ratio,
     masked_mean,
     to_floats,
     token_mean,
@@ -94,7 +95,7 @@ def kl_cov_loss(batch: PolicyBatch, cfg: KLCovConfig, clip: GRPOConfig) -> LossO
     selected = kl_cov_select(batch.logp, adv, mask, cfg.k_ratio)
 
     per_token_clipped, stats = clipped_surrogate(batch.logp, batch.old_logp, adv, mask, clip.clip_low, clip.clip_high)
-    log_ratio = valid_only(batch.logp, mask) - valid_only(batch.old_logp.detach(), mask)
+    log_ratio = masked_log_ratio(batch.logp, batch.old_logp, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     penalised = unclipped + cfg.coef * log_ratio.abs()
