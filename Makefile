@@ -27,3 +27,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# The main job on its embedded defaults: tiny model, countdown, ReLaX, on CPU.
+demo: venv
+	$(BIN)/latentx train --out runs/demo

@@ -1,0 +1,575 @@
+"""The RL loop: GRPO with the ReLaX / VERL / token-level exploration objectives, readable in one sitting.
+
+One step, in the order the data flows (METHODS.md §0-§3):
+
+1. **task → rollout**: draw ``prompts_per_step`` training prompts, sample R responses each, score them
+   with the task's verifier.
+2. **one no-grad forward per micro-batch** gives the old log-probs, token entropies and last-layer
+   hidden states; the hidden states are reduced to per-response signals (ER / ERV / ERA, DSD) on the
+   spot and dropped (only the first step keeps them, to fit the Koopman dictionary).
+3. **advantages**: GRPO group-normalised rewards, shaped by VERL when that is the objective.
+4. **update**: forward with grad (hidden states too for ReLaX, whose DSD is differentiated), the
+   objective's loss, backward, clip, step.
+5. log one ``metrics.jsonl`` row; checkpoint atomically every ``checkpoint_every`` steps.
+
+A run ends with a held-out evaluation (Mean@1 greedy, Pass@k from n samples) in ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from latentx import dynamics
+from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from latentx.config import atomic_write_text, save_yaml, to_dict
+from latentx.objectives.base import GRPOConfig, PolicyBatch, per_response_mean
+from latentx.objectives.clip_cov import ClipCovConfig
+from latentx.objectives.entropy_bonus import EntropyBonusConfig
+from latentx.objectives import Objective
+from latentx.objectives.kl_cov import KLCovConfig
+from latentx.objectives.relax import RelaxConfig
+from latentx.objectives.verl import VerlConfig
+from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
+from latentx.tasks import TaskConfig
+from latentx.warmstart import WarmStartConfig
+
+OBJECTIVES = ("grpo", "relax", "verl", "entropy_bonus", "kl_cov", "clip_cov")
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train.  ``name``: ``tiny``, a local directory, a hub id, a GGUF file or a run dir."""
+
+    name: str = "tiny"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    reference: Literal["auto", "yes", "no"] = "auto"  # frozen copy for KL terms; auto = when a KL is weighted
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model.name must not be empty")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    updates_per_step: int = 1  # optimizer passes over each rollout batch (GRPO's μ)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+        if self.updates_per_step < 1:
+            raise ValueError(f"optim.updates_per_step must be >= 1, got {self.updates_per_step}")
+
+
+@dataclass
+class SignalConfig:
+    """Latent signals of the rollouts.
+
+    ``auto_scale``: the papers' stride (40) and dictionary size (50) assume responses of thousands of
+    tokens.  When on, VERL's stride and ReLaX's m are scaled to ``rollout.max_new_tokens`` L as
+    ``stride = clamp(L // 8, 2, 40)`` and ``m = clamp(L // 3, 4, 50)`` (both equal the papers'
+    values from L = 320 / 150 tokens on); the resolved values are written to ``config.yaml``.
+    ``track``: compute ER / ERV / ERA and DSD on every step's rollouts for monitoring, even when the
+    objective does not use them (off in the overhead benchmark's GRPO baseline).
+    """
+
+    auto_scale: bool = True
+    track: bool = True
+
+
+@dataclass
+class FinalEvalConfig:
+    """Held-out evaluation at the end of a run: Mean@1 greedy and Pass@k from ``n`` samples."""
+
+    enabled: bool = True
+    instances: int = 64
+    n: int = 16
+    ks: tuple[int, ...] = (1, 4, 16)
+    temperature: float = 1.0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError(f"eval.instances must be >= 1, got {self.instances}")
+        if any(k < 1 or k > self.n for k in self.ks):
+            raise ValueError(f"eval.ks must lie in [1, eval.n={self.n}], got {list(self.ks)}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``latentx train`` builds it from defaults, ``--config`` YAML and flags."""
+
+    objective: Literal["grpo", "relax", "verl", "entropy_bonus", "kl_cov", "clip_cov"] = "relax"
+    steps: int = 60
+    seed: int = 0
+    out: str = ""  # default: runs/<objective>-<task>-s<seed>
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    signals: SignalConfig = field(default_factory=SignalConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    relax: RelaxConfig = field(default_factory=RelaxConfig)
+    verl: VerlConfig = field(default_factory=VerlConfig)
+    entropy_bonus: EntropyBonusConfig = field(default_factory=EntropyBonusConfig)
+    kl_cov: KLCovConfig = field(default_factory=KLCovConfig)
+    clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
+    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.objective}-{self.task.name}-s{self.seed}")
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill in derived values (signal scaling) so that ``config.yaml`` records what actually ran."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.signals.auto_scale:
+        length = cfg.rollout.max_new_tokens
+        cfg.verl.stride = int(min(40, max(2, length // 8)))
+        cfg.relax.m = int(min(50, max(4, length // 3)))
+        cfg.signals.auto_scale = False  # resolved: a resumed run must not rescale
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _mean_std(values: torch.Tensor) -> tuple[float, float]:
+    values = values.detach().float()
+    if values.numel() == 0:
+        return 0.0, 0.0
+    std = values.std(unbiased=False).item() if values.numel() > 1 else 0.0
+    return values.mean().item(), std
+
+
+class Trainer:
+    """Holds the run's state; ``run()`` trains to ``cfg.steps`` (resuming if the run dir has a checkpoint)."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True, log=print) -> None:
+        from latentx.models import load_model
+        from latentx.tasks import build_task
+        from latentx.warmstart import warm_start
+
+        self.cfg = cfg
+        self.progress = progress
+        self.log = log
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = _device(cfg.model.device)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        self.task = build_task(cfg.task)
+        self.checkpoint = latest_checkpoint(self.run_dir)
+        if self.checkpoint is not None:
+            self.model, self.tokenizer = load_model(str(self.checkpoint), device=str(self.device), dtype=cfg.model.dtype)
+            self.warm_info: dict[str, Any] = {"resumed_from": str(self.checkpoint)}
+        else:
+            self.model, self.tokenizer = load_model(cfg.model.name, device=str(self.device), dtype=cfg.model.dtype)
+            self.warm_info = {}
+            if cfg.warm_start.enabled:
+                self.model, self.warm_info = warm_start(
+                    self.model, self.tokenizer, self.task, cfg.warm_start, progress=progress
+                )
+        self.model.to(self.device)
+        # The frozen reference is the policy the run started from (after the warm start); it is saved
+        # once so that a resumed run compares against the same weights.
+        self.reference = None
+        if self._wants_reference():
+            ref_dir = self.run_dir / "reference"
+            if self.checkpoint is not None and ref_dir.is_dir():
+                self.reference, _ = load_model(str(ref_dir), device=str(self.device), dtype=cfg.model.dtype)
+            else:
+                self.reference = copy.deepcopy(self.model)
+                self.reference.save_pretrained(ref_dir)
+                self.tokenizer.save_pretrained(ref_dir)
+            self.reference.eval().requires_grad_(False)
+
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.train_pool = self.task.train_instances(cfg.task.train_size, seed=cfg.seed)
+        self.sampler = np.random.default_rng(cfg.seed)
+        self.dictionary: dynamics.KoopmanDictionary | None = None
+        self.step = 0
+        method_config = None if cfg.objective == "grpo" else getattr(cfg, cfg.objective)
+        self.objective = Objective(cfg.objective, grpo=cfg.grpo, config=method_config, seed=cfg.seed)
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+
+    # -- set-up helpers ---------------------------------------------------------------------------
+
+    def _wants_reference(self) -> bool:
+        choice = self.cfg.model.reference
+        if choice != "auto":
+            return choice == "yes"
+        method_config = None if self.cfg.objective == "grpo" else getattr(self.cfg, self.cfg.objective)
+        return "ref" in Objective(self.cfg.objective, grpo=self.cfg.grpo, config=method_config).needs
+
+    @property
+    def needs_dsd(self) -> bool:
+        return "dsd_grad" in self.objective.needs or self.cfg.signals.track
+
+    @property
+    def needs_rank(self) -> bool:
+        return "rank" in self.objective.needs or self.cfg.signals.track
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "sampler": self.sampler.bit_generator.state,
+            "objective": self.objective.state_dict(),
+            "warm_info": self.warm_info,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir, self.step, self.model, self.tokenizer, self._trainer_state(),
+            dictionary=self.dictionary, keep_last=self.cfg.keep_checkpoints,
+        )
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_trainer_state(checkpoint)
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.bit_generator.state = state["sampler"]
+        self.objective.load_state_dict(state["objective"])
+        self.warm_info = state.get("warm_info") or self.warm_info
+        if (checkpoint / "koopman.safetensors").is_file():
+            self.dictionary = dynamics.KoopmanDictionary.load(checkpoint / "koopman.safetensors")
+            self.dictionary.to(self.device)
+        set_rng_state(state["rng"])
+        # Metrics logged after the checkpoint belong to steps that will be re-run.
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+    # -- one RL step ------------------------------------------------------------------------------
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        """Group-aligned slices of at most ``micro_batch_size`` responses (at least one whole group)."""
+        r = self.cfg.rollout.samples_per_prompt
+        size = max(r, (self.cfg.rollout.micro_batch_size // r) * r)
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def _signals(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.needs_rank:
+            rd = dynamics.rank_dynamics(hidden, mask, stride=self.cfg.verl.stride, window=self.cfg.verl.window)
+            out.update(er=rd.er, erv=rd.erv, era=rd.era)
+        if self.needs_dsd and self.dictionary is not None:
+            out["dsd"] = self._dsd(hidden, mask)
+        return out
+
+    def _dsd(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rc = self.cfg.relax
+        return dynamics.dsd(
+            hidden, mask, self.dictionary, spectrum=rc.spectrum, residual_threshold=rc.residual_threshold,
+            ridge=rc.ridge, scaling=rc.scaling,
+        )
+
+    def _fit_dictionary(self, trajectories: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        rc = self.cfg.relax
+        hidden_size = trajectories[0][0].shape[-1]
+        t = max(h.shape[1] for h, _ in trajectories)
+        H = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1])) for h, _ in trajectories])
+        M = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for _, m in trajectories])
+        start = time.perf_counter()
+        self.dictionary = dynamics.KoopmanDictionary(hidden_size, m=rc.m, seed=rc.fit_seed).to(H.device)
+        self.dictionary.fit(
+            H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, loss=rc.fit_loss, ridge=rc.ridge, scaling=rc.scaling
+        )
+        self.dictionary.requires_grad_(False)
+        return time.perf_counter() - start
+
+    def rollout(self) -> dict[str, Any]:
+        """Sample, score, and run the no-grad forward: everything the update needs."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        idx = self.sampler.choice(len(self.train_pool), size=cfg.rollout.prompts_per_step, replace=False)
+        instances = [self.train_pool[i] for i in idx]
+        prompts = [self.task.format_prompt(inst, self.tokenizer) for inst in instances]
+        self.model.eval()
+        seqs = sample_responses(
+            self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            generation_batch_size=cfg.rollout.generation_batch_size,
+        )
+        r = cfg.rollout.samples_per_prompt
+        rewards = torch.tensor(
+            [self.task.reward(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.float32
+        )
+        correct = torch.tensor(
+            [self.task.is_correct(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.bool
+        )
+        t_gen = time.perf_counter() - t0
+
+        # One no-grad forward per micro-batch: old log-probs, entropies, signals (METHODS.md §0).
+        n, T = seqs.response_mask.shape
+        old_logp = torch.zeros(n, T)
+        ref_logp = torch.zeros(n, T) if self.reference is not None else None
+        entropy = torch.zeros(n)
+        signals: dict[str, torch.Tensor] = {}
+        refit = self.dictionary is None or (
+            cfg.relax.refit_every > 0 and self.step > 0 and self.step % cfg.relax.refit_every == 0
+        )
+        fit_now = self.needs_dsd and refit
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        t_signals = 0.0
+        need_hidden = self.needs_rank or self.needs_dsd
+        with torch.no_grad():
+            for sl in self._micro_batches(n):
+                mb = seqs.select(sl)
+                mask = mb.response_mask.to(self.device)
+                fo = policy_forward(self.model, mb, want_hidden=need_hidden)
+                t = mb.response_length
+                old_logp[sl, :t] = fo.logp.float().cpu()
+                entropy[sl] = per_response_mean(fo.entropy, mask).cpu()
+                if self.reference is not None:
+                    ref_logp[sl, :t] = policy_forward(self.reference, mb, want_hidden=False, want_entropy=False).logp.float().cpu()
+                if need_hidden:
+                    ts = time.perf_counter()
+                    for key, value in self._signals(fo.hidden, mask).items():
+                        signals.setdefault(key, torch.zeros(n))[sl] = value.detach().float().cpu()
+                    if fit_now:
+                        kept.append((fo.hidden.detach().float(), mask))
+                    t_signals += time.perf_counter() - ts
+        fit_time = 0.0
+        if fit_now and kept:
+            fit_time = self._fit_dictionary(kept)
+            ts = time.perf_counter()
+            dsd_values = torch.cat([self._dsd(h, m).detach().float().cpu() for h, m in kept])
+            signals["dsd"] = dsd_values
+            t_signals += time.perf_counter() - ts
+        return dict(
+            seqs=seqs, rewards=rewards, correct=correct, old_logp=old_logp, ref_logp=ref_logp,
+            entropy=entropy, signals=signals, time_generate=t_gen, time_signals=t_signals, time_fit=fit_time,
+        )
+
+    def advantages(self, ro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """GRPO advantages (METHODS.md §0), shaped by VERL when that is the objective (§3)."""
+        r = self.cfg.rollout.samples_per_prompt
+        group = torch.arange(len(ro["rewards"])) // r
+        adv = self.objective.advantages(ro["rewards"], group)
+        info: dict[str, float] = {}
+        if "rank" in self.objective.needs:
+            s = ro["signals"]
+            adv, shape_info = self.objective.shape_advantages(
+                adv, s["er"], s["erv"], s["era"], ro["seqs"].response_mask, ro["rewards"]
+            )
+            info.update({f"verl_{k}": float(v) for k, v in shape_info.items()})
+        return adv, info
+
+    def update(self, ro: dict[str, Any], adv: torch.Tensor) -> dict[str, float]:
+        """Gradient step(s) on the rollout batch; micro-batch losses are weighted by their token share."""
+        cfg = self.cfg
+        seqs: Sequences = ro["seqs"]
+        n = seqs.response_mask.shape[0]
+        group = torch.arange(n) // cfg.rollout.samples_per_prompt
+        total_tokens = max(int(seqs.response_mask.sum()), 1)
+        want_hidden = "dsd_grad" in self.objective.needs and self.dictionary is not None
+        terms: dict[str, float] = {}
+        grad_norm = 0.0
+        self.model.train()
+        for _ in range(cfg.optim.updates_per_step):
+            self.optimizer.zero_grad(set_to_none=True)
+            for sl in self._micro_batches(n):
+                mb = seqs.select(sl)
+                t = mb.response_length
+                mask = mb.response_mask.to(self.device)
+                fo = policy_forward(self.model, mb, want_hidden=want_hidden, want_entropy=True)
+                batch = PolicyBatch(
+                    logp=fo.logp,
+                    old_logp=ro["old_logp"][sl, :t].to(self.device),
+                    mask=mask,
+                    advantages=(adv[sl, :t] if adv.dim() == 2 else adv[sl]).to(self.device),
+                    group=group[sl].to(self.device),
+                    ref_logp=ro["ref_logp"][sl, :t].to(self.device) if ro["ref_logp"] is not None else None,
+                    entropy=fo.entropy,
+                    dsd=self._dsd(fo.hidden, mask) if want_hidden else None,
+                )
+                out = self.objective.loss(batch)
+                weight = int(mask.sum()) / total_tokens
+                (out.loss * weight).backward()
+                for k, v in out.terms.items():
+                    terms[k] = terms.get(k, 0.0) + weight * float(v) / cfg.optim.updates_per_step
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+            self.optimizer.step()
+            terms.update(self.objective.on_optimizer_step())
+        terms["grad_norm"] = grad_norm
+        return terms
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ro = self.rollout()
+        adv, adv_info = self.advantages(ro)
+        t1 = time.perf_counter()
+        terms = self.update(ro, adv)
+        t_update = time.perf_counter() - t1
+        self.step += 1
+
+        seqs: Sequences = ro["seqs"]
+        r = self.cfg.rollout.samples_per_prompt
+        lengths = seqs.response_mask.sum(1).float()
+        adv_resp = adv if adv.dim() == 1 else (adv * seqs.response_mask).sum(1) / seqs.response_mask.sum(1).clamp(min=1)
+        row: dict[str, Any] = {"step": self.step}
+        row["reward_mean"], row["reward_std"] = _mean_std(ro["rewards"])
+        row["accuracy"] = ro["correct"].float().mean().item()
+        row["group_pass_rate"] = ro["correct"].view(-1, r).any(1).float().mean().item()
+        row["entropy_mean"], row["entropy_std"] = _mean_std(ro["entropy"])
+        row["length_mean"], row["length_std"] = _mean_std(lengths)
+        for key, value in ro["signals"].items():
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(value)
+        row["adv_mean"], row["adv_std"] = _mean_std(adv_resp)
+        row["adv_abs_mean"] = adv_resp.abs().mean().item()
+        row.update({k: float(v) for k, v in terms.items()})
+        row.update(adv_info)
+        row["time_generate"] = ro["time_generate"]
+        row["time_signals"] = ro["time_signals"]
+        row["time_fit"] = ro["time_fit"]
+        row["time_update"] = t_update
+        row["time_step"] = time.perf_counter() - t0
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FloatingPointError(f"step {self.step}: metric {key} is {value}; stopping before it spreads")
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return row
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        save_yaml(cfg, self.run_dir / "config.yaml")
+        if cfg.eval.enabled and self.step == 0 and "eval" not in self.warm_info:
+            self.log("evaluating the starting policy on held-out instances ...")
+            self.warm_info["eval"] = self.evaluate()
+        start_step = self.step
+        rows: list[dict] = []
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.progress,
+        ) as bar:
+            task_id = bar.add_task(f"{cfg.objective}", total=cfg.steps, completed=start_step, info="")
+            while self.step < cfg.steps:
+                row = self.train_step()
+                rows.append(row)
+                bar.update(
+                    task_id, completed=self.step,
+                    info=f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
+                    f"DSD {row.get('dsd_mean', float('nan')):.3g} {row['time_step']:.2f}s/step",
+                )
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+        self.plot()
+        summary: dict[str, Any] = {"steps": self.step, "objective": cfg.objective, "warm_start": self.warm_info}
+        if cfg.eval.enabled:
+            summary["eval"] = self.evaluate()
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        return summary
+
+    def plot(self) -> list[Path]:
+        from latentx.plots import plot_training_curves
+
+        rows = read_metrics(self.run_dir)
+        return plot_training_curves(rows, self.run_dir / "plots", title=f"{self.cfg.objective} on {self.cfg.task.name}") if rows else []
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4)."""
+        from latentx.metrics import pass_at_k
+
+        ec = self.cfg.eval
+        instances = self.task.eval_instances(ec.instances, seed=ec.seed)
+        prompts = [self.task.format_prompt(inst, self.tokenizer) for inst in instances]
+        self.model.eval()
+        rc = self.cfg.rollout
+        state = torch.get_rng_state()
+        torch.manual_seed(ec.seed)
+        greedy = sample_responses(self.model, self.tokenizer, prompts, 1, rc.max_new_tokens, temperature=0.0,
+                                  generation_batch_size=rc.generation_batch_size)
+        sampled = sample_responses(self.model, self.tokenizer, prompts, ec.n, rc.max_new_tokens,
+                                   temperature=ec.temperature, top_p=rc.top_p,
+                                   generation_batch_size=rc.generation_batch_size)
+        torch.set_rng_state(state)
+        mean1 = float(np.mean([self.task.is_correct(inst, text) for inst, text in zip(instances, greedy.texts)]))
+        counts = [
+            sum(self.task.is_correct(inst, sampled.texts[i * ec.n + j]) for j in range(ec.n))
+            for i, inst in enumerate(instances)
+        ]
+        distinct = [
+            len({sampled.texts[i * ec.n + j].strip() for j in range(ec.n)
+                 if self.task.is_correct(inst, sampled.texts[i * ec.n + j])})
+            for i, inst in enumerate(instances)
+        ]
+        result = {
+            "instances": len(instances),
+            "n": ec.n,
+            "mean@1_greedy": mean1,
+            f"mean@{ec.n}": float(np.mean(counts)) / ec.n,
+            "pass@k": {str(k): float(np.mean([pass_at_k(ec.n, c, k) for c in counts])) for k in ec.ks},
+            "distinct_correct_per_problem": float(np.mean(distinct)),
+        }
+        return result
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Resolve ``cfg`` and run it to completion (resuming from the run directory's latest checkpoint)."""
+    return Trainer(resolve_config(cfg), progress=progress).run()
