@@ -37,6 +37,7 @@ __all__ = [
     "VerlConfig",
     "VerlBaselines",
     "verl_shape",
+    "verl_effective_coef",
     "verl_update_baselines",
     "verl_token_advantages",
     "VerlShaper",
@@ -158,7 +159,7 @@ def verl_shape(
     """
     adv = _f32(advantages, "advantages")
     B = adv.shape[0]
-    er, erv, era = _f32(er, "er", B), _f32(erv, "erv", B), _f32(era, "era", B)
+    er, erv, era = (_f32(x, name, B).to(adv.device) for x, name in ((er, "er"), (erv, "erv"), (era, "era")))
     zeros = torch.zeros_like(adv)
     if baselines.steps == 0:  # no baseline yet: no signal on the first step
         info = {k: zeros for k in ("rel_er", "rel_erv", "rel_era", "tau", "aux", "bonus")}
