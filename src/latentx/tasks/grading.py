@@ -161,16 +161,20 @@ def extract_answer(response: str) -> str | None:
 
 
 def normalize_number(text: str) -> str:
-    """``"72.0"`` → ``"72"``, ``"1,000"`` → ``"1000"``, ``"-0.50"`` → ``"-0.5"``; other text unchanged."""
+    """``"72.0"`` → ``"72"``, ``"025"`` → ``"25"``, ``"1,000"`` → ``"1000"``, ``"-0.50"`` → ``"-0.5"``.
+
+    Text that is not a plain decimal number is returned unchanged.
+    """
     stripped = text.strip()
     candidate = stripped.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", stripped) else stripped
-    if not _PLAIN_NUMBER.fullmatch(candidate):
+    if len(candidate) > _MAX_FAST_CHARS or not _PLAIN_NUMBER.fullmatch(candidate):
         return text
-    if "." in candidate:
-        candidate = candidate.rstrip("0").rstrip(".") or "0"
-        if candidate in ("-", "-0", ""):
-            candidate = "0"
-    return candidate
+    sign = "-" if candidate.startswith("-") else ""
+    whole, _, frac = candidate.lstrip("-").partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    if whole == "0" and not frac:
+        return "0"
+    return sign + whole + ("." + frac if frac else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +221,27 @@ def _wrap(answer: str) -> str:
     return "$" + answer.replace("$", "") + "$"
 
 
+_SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)")
+
+
+_BARE_DECIMAL_POINT = re.compile(r"(\d)\.(?!\d)")
+
+
+def _prepare(answer: str) -> str:
+    """Rewrite numeric spellings that math-verify misreads, before wrapping.
+
+    ``4.5e33`` → ``4.5\\times10^{33}`` (it would read ``e`` as Euler's number) and ``-1./3`` → ``-1/3``
+    (Python-style float literals, as in some Minerva references).
+    """
+    answer = answer.strip()
+    match = _SCIENTIFIC.fullmatch(answer)
+    if match is not None:
+        return f"{match.group(1)}\\times10^{{{int(match.group(2))}}}"
+    if re.fullmatch(r"[-+*/()\d.\s]+", answer):
+        return _BARE_DECIMAL_POINT.sub(r"\1", answer)
+    return answer
+
+
 def _gold_answer(gold: str) -> str:
     """The reference final answer; a full solution (with ``\\boxed`` or ``####``) is reduced to it."""
     if "\\boxed" in gold or "\\fbox" in gold or "####" in gold:
@@ -240,8 +265,8 @@ def _math_verify_equal(pred: str, gold: str) -> bool:
         # We disable math-verify's timeouts on purpose; silence its warning about it.
         logging.getLogger("math_verify").setLevel(logging.ERROR)
         _mv_ready = True
-    gold_parsed = parse(_wrap(gold), parsing_timeout=None)
-    pred_parsed = parse(_wrap(pred), parsing_timeout=None)
+    gold_parsed = parse(_wrap(_prepare(gold)), parsing_timeout=None)
+    pred_parsed = parse(_wrap(_prepare(pred)), parsing_timeout=None)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
