@@ -61,7 +61,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
-def train(tiny_dir: Path, out: Path, **overrides) -> LatentGRPOTrainer:
+def train(tiny_dir: Path, out: Path, peft_config=None, **overrides) -> LatentGRPOTrainer:
     options = dict(
         output_dir=str(out), per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
         max_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
@@ -72,7 +72,7 @@ def train(tiny_dir: Path, out: Path, **overrides) -> LatentGRPOTrainer:
     _, tokenizer = build_tiny_model(seed=0, **TINY)
     trainer = LatentGRPOTrainer(
         model=str(tiny_dir), reward_funcs=digit_reward, args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer, peft_config=peft_config,
     )
     trainer.latent_records = []
     trainer.train()
@@ -253,9 +253,15 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
 
 
 def test_verl_two_trl_steps_match_latentx(tiny_dir, tmp_path):
-    trainer = train(tiny_dir, tmp_path, latent_objective="verl", verl_stride=4)
+    # Two micro-batches per rollout (steps_per_generation=2 > gradient_accumulation_steps=1): TRL runs its
+    # own old-log-prob forward, and the rollout states are captured from it (no extra forward).
+    trainer = train(
+        tiny_dir, tmp_path, latent_objective="verl", verl_stride=4, per_device_train_batch_size=4,
+        steps_per_generation=2, max_steps=4,
+    )
     rollouts = [r for r in trainer.latent_records if r["kind"] == "verl_rollout"]
     assert len(rollouts) == 2
+    assert [log["latent/extra_forward"] for log in trainer.state.log_history if "latent/extra_forward" in log] == [0, 0]
     shaper = VerlShaper(VerlConfig(stride=4))
     for step, rec in enumerate(rollouts):
         batch = rec["output"]
@@ -279,6 +285,32 @@ def test_verl_two_trl_steps_match_latentx(tiny_dir, tmp_path):
     trainer.verl_baselines = VerlBaselines()
     trainer.load_latent_state(str(saved))
     assert dataclasses.asdict(trainer.verl_baselines) == pytest.approx(shaper.state_dict())
+
+
+def test_relax_with_peft_captures_the_policy_not_the_reference(tiny_dir, tmp_path):
+    """PEFT: TRL scores the reference by disabling the adapter of the *same* model, right after its
+    old-log-prob forward (num_iterations=2 makes TRL run it); the rollout states must be the policy's."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    trainer = train(
+        tiny_dir, tmp_path, latent_objective="relax", relax_m=8, relax_xi=0.0, relax_fit_batch_size=4,
+        num_iterations=2, max_steps=1, peft_config=lora,
+    )
+    rollout = next(r for r in trainer.latent_records if r["kind"] == "relax_rollout")
+    assert trainer.state.log_history[0]["latent/extra_forward"] == 0
+    batch = rollout["output"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.load_state_dict(rollout["params"], strict=False)  # back to the rollout-time adapter
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    C = batch["completion_ids"].shape[1]
+    with torch.no_grad():
+        policy = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        with model.disable_adapter():
+            reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    fit_H, _ = rollout["fit_states"]
+    torch.testing.assert_close(fit_H, policy[:, -(C + 1) : -1], atol=1e-5, rtol=1e-5)
+    assert (fit_H - reference[:, -(C + 1) : -1]).abs().max() > 1e-3
 
 
 def test_kl_cov_trl_steps_match_latentx(tiny_dir, tmp_path):
@@ -416,3 +448,26 @@ def test_relax_group_split_over_processes_and_microbatches_equals_unsplit(kl_set
     assert sum(values) / len(values) == pytest.approx((cfg.alpha * xp + cfg.beta * kl).item(), abs=1e-6)
     torch.testing.assert_close(dsd_leaf.grad, expected_dsd_grad, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(kl_leaf.grad, expected_kl_grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(latent_objective="relax", relax_lme_scope="microbatch", relax_kl_set="code"),
+        dict(latent_objective="relax", per_device_train_batch_size=4, steps_per_generation=2, beta=0.01),
+        dict(latent_objective="verl", verl_apply_to="last_token", verl_performance_scaling=True, verl_gating="sum"),
+        dict(latent_objective="entropy_bonus", use_adaptive_entropy=True, entropy_target=10.0),
+        dict(latent_objective="kl_cov", loss_type="dr_grpo", gradient_accumulation_steps=2),
+        dict(latent_objective="kl_cov", loss_type="dapo", num_iterations=2, steps_per_generation=2,
+             per_device_train_batch_size=4),
+    ],
+    ids=lambda o: "-".join(f"{v}" for v in o.values()),
+)
+def test_option_matrix_trains(tiny_dir, tmp_path, options):
+    options = {"relax_m": 8, "relax_fit_batch_size": 4, "verl_stride": 4, "max_steps": 4, **options}
+    trainer = train(tiny_dir, tmp_path, **options)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    if options["latent_objective"] in ("relax", "verl", "kl_cov"):
+        assert any(key.startswith("latent/") for key in trainer.state.log_history[0])
