@@ -406,7 +406,7 @@ class Trainer:
             adv, shape_info = self.objective.shape_advantages(
                 adv, s["er"], s["erv"], s["era"], ro["seqs"].response_mask, ro["rewards"]
             )
-            info.update({f"verl_{k}": float(v) for k, v in shape_info.items()})
+            info.update({k: float(v) for k, v in shape_info.items()})
         return adv, info
 
     def update(self, ro: dict[str, Any], adv: torch.Tensor) -> dict[str, float]:
@@ -559,6 +559,7 @@ class Trainer:
             f"mean@{ec.n}": float(np.mean(counts)) / ec.n,
             "pass@k": {str(k): float(np.mean([pass_at_k(ec.n, c, k) for c in counts])) for k in ec.ks},
             "distinct_correct_per_problem": float(np.mean(distinct)),
+            "correct_counts": [int(c) for c in counts],  # per problem, out of n: any Pass@k can be recomputed
         }
         return result
 
