@@ -475,7 +475,7 @@ def dsd_with_info(
             the unbiased variance of their moduli (0 if fewer than 2 kept).  Only for ``spectrum="eig"``.
 
     Edge cases: a response with fewer than 3 valid tokens (fewer than 2 snapshot pairs) has DSD = 0, kept = 0,
-    moduli = 0 and zero gradient.  Constant trajectories give a rank-one K (DSD ~ 1/m, finite gradient).
+    moduli = 0 and zero gradient.  Fewer than 2 modes (m = 1, or < 2 kept by the filter) give DSD = 0.  Constant trajectories give a rank-one K (DSD ~ 1/m, finite gradient).
     Differentiable w.r.t. ``H`` (and the dictionary weight) with a finite gradient everywhere; see the module
     docstring for how repeated / defective eigenvalues are handled.
     """
@@ -555,5 +555,5 @@ def dsd_reference(
                 r = torch.linalg.eigvals(K).abs()
             else:
                 r = torch.sqrt(torch.linalg.svdvals(K) ** 2 + _SINGULAR_EPS)
-            out[b] = torch.var(r)
+            out[b] = torch.var(r) if r.numel() >= 2 else 0.0  # a single mode (m = 1) has no spread
     return out
