@@ -634,3 +634,27 @@ def test_example_overrides_compose(script):
     check_config(cfg)
     s = prepare_config(cfg)
     assert s.objective == "relax" and s.group_size == cfg.actor_rollout_ref.rollout.n
+
+
+def test_signals_survive_verls_micro_batch_reordering():
+    """Micro-batches in dynamic-batching order, re-assembled by verl's postprocess_batch_func."""
+    from verl.workers.engine.utils import postprocess_batch_func
+
+    model = tiny_model()
+    engine = FakeFSDPEngine(model)
+    s = settings("verl")
+    LatentxEngineHook(engine, s).mode = "infer"
+    data = nested_micro_batch(True)
+    indices = [[3, 0, 5], [1, 2, 4]]
+    outputs = []
+    with torch.no_grad():
+        for idx in indices:
+            micro = tu.index_select_tensor_dict(data, idx)
+            tu.assign_non_tensor(micro, use_remove_padding=True)
+            outputs.append({"model_output": engine_forward(engine, micro), "loss": 0.0, "metrics": {}})
+        H_ref, mask_ref = padded_reference_trajectories(model, left_right_batch())
+    tu.assign_non_tensor(data, use_dynamic_bsz=True)
+    merged = postprocess_batch_func(output_lst=outputs, indices=indices, data=data)["model_output"]
+    ref = rank_dynamics(H_ref, mask_ref, stride=s.verl.stride, window=s.verl.window)
+    torch.testing.assert_close(per_response_values(merged["latentx_er"]), ref.er.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(per_response_values(merged["latentx_era"]), ref.era.float(), atol=1e-4, rtol=1e-4)

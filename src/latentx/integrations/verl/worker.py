@@ -247,6 +247,8 @@ class LatentxActorRolloutRefWorker(ActorRolloutRefWorker):
         settings = parse_settings(self.config.get("latentx"))
         if settings.objective == "grpo":
             return
+        if settings.needs_dsd and self.distillation_enabled:
+            raise ValueError("latentx.objective=relax cannot be combined with verl's distillation loss")
         self.latentx = LatentxEngineHook(self.actor.engine, settings)
         if settings.needs_dsd:
             self.latentx.state.load_if_saved(_hidden_size(self.actor.engine), _device())
