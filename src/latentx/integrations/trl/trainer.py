@@ -18,14 +18,14 @@ What is overridden, and why (TRL 1.16; METHODS.md section 3):
 from __future__ import annotations
 
 import json
-import math
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
@@ -58,10 +58,6 @@ __all__ = ["LatentGRPOTrainer", "LATENT_STATE_FILE"]
 LATENT_STATE_FILE = "latentx_state.json"
 _KOOPMAN_FILE = "latentx_koopman"
 
-# Keys the rollout adds to TRL's per-sample batch (shuffled and split with it; TRL ignores them).
-_RELAX_KEYS = ("latent_dsd_weight", "latent_dsd_rollout", "latent_in_set", "latent_group")
-
-
 @dataclass
 class _Capture:
     """One armed capture: the next policy call to ``_get_per_token_logps_and_entropies`` is recorded."""
@@ -72,6 +68,7 @@ class _Capture:
     masks: list[Tensor] = field(default_factory=list)
     logps: Tensor | None = None
     fired: bool = False
+    reduce_seconds: float = 0.0
 
     def on_chunk(self, states: Tensor, mask: Tensor) -> None:
         if self.keep_states:
@@ -79,8 +76,10 @@ class _Capture:
             self.masks.append(mask)
         if self.reduce is not None:
             # The hook runs inside TRL's `accelerator.autocast()`: keep the statistics out of mixed precision.
+            start = time.perf_counter()
             with torch.autocast(device_type=states.device.type, enabled=False):
                 self.reduce(states, mask)
+            self.reduce_seconds += time.perf_counter() - start
 
 
 class LatentGRPOTrainer(GRPOTrainer):
@@ -200,9 +199,14 @@ class LatentGRPOTrainer(GRPOTrainer):
                 )
         else:
             output = super()._generate_and_score_completions(inputs)
+            start = time.perf_counter()
             with self._armed(capture):
                 self._policy_rollout_forward(output)
+            self._metrics[mode]["latent/time/extra_forward_s"].append(
+                time.perf_counter() - start - capture.reduce_seconds
+            )
         self._metrics[mode]["latent/extra_forward"].append(0.0 if trl_forward else 1.0)
+        start = time.perf_counter()
 
         local_size = output["completion_ids"].size(0)
         device = output["advantages"].device
@@ -215,6 +219,10 @@ class LatentGRPOTrainer(GRPOTrainer):
                 self._fit_koopman(*fit_states, mode)
                 chunks["dsd"] = [self.koopman.dsd(fit_states[0].to(device), fit_states[1].to(device))]
             self._apply_relax(output, torch.cat(chunks["dsd"]).to(device), local_size, mode, fit_states)
+        # Latent rollout work (signals, dictionary fit, gathers), without the forward itself.
+        self._metrics[mode]["latent/time/rollout_signals_s"].append(
+            capture.reduce_seconds + time.perf_counter() - start
+        )
         return output
 
     def _reduce_rollout_chunk(self, H: Tensor, mask: Tensor, chunks: dict[str, list[Tensor]], fit_now: bool) -> None:
@@ -317,11 +325,13 @@ class LatentGRPOTrainer(GRPOTrainer):
             trl_loss = super()._compute_loss(model, inputs)
         if not capture.fired or capture.logps is None:
             raise RuntimeError("TRL's loss forward did not go through _get_per_token_logps_and_entropies")
+        start = time.perf_counter()
         if self.latent_objective == "relax":
             term, details = self._relax_term(inputs, capture, mode)
         else:
             term, details = self._kl_cov_term(inputs, capture.logps, mode)
         loss = trl_loss + term / self.current_gradient_accumulation_steps
+        self._metrics[mode]["latent/time/loss_terms_s"].append(time.perf_counter() - start)  # forward part only
         self._record(
             f"{self.latent_objective}_loss",
             inputs=inputs, trl_loss=trl_loss, latent_term=term, loss=loss, logps=capture.logps, **details,
