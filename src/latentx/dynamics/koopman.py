@@ -341,15 +341,30 @@ def _weight_of(dictionary: KoopmanDictionary, H: Tensor) -> KoopmanDictionary:
 def _koopman_parts(
     H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, ridge: float, scaling: Scaling
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Validated float64 (K, G, A, L, n_pairs) of every response."""
+    """Validated float64 (K, G, A, L, n_pairs) of every response.
+
+    With psi_t the lifted valid tokens (t < T) and F = sum_t psi_t psi_t^T, the snapshot Grams are
+    G = F - psi_{T-1} psi_{T-1}^T and L = F - psi_0 psi_0^T, and A = sum_t psi_t psi_{t+1}^T: two batched
+    products instead of three (the lift, T x d x m, dominates anyway).
+    """
     _check_ridge_scaling(ridge, scaling)
     H, mask = check_trajectories(H, mask)
     dictionary = _weight_of(dictionary, H)
     X, lengths = pack_valid(H, mask)
-    psi = dictionary.lift(X)
+    B, T, _ = X.shape
+    psi = dictionary.lift(X).double()
+    valid = torch.arange(T, device=X.device)[None, :] < lengths[:, None]
+    psi = torch.where(valid[:, :, None], psi, torch.zeros((), dtype=psi.dtype, device=psi.device))
+    full = psi.mT @ psi
+    cross = psi[:, :-1].mT @ psi[:, 1:]  # pairs past the end meet a zero row
+    first = psi[:, 0] if T else psi.new_zeros(B, psi.shape[2])
+    last = torch.gather(psi, 1, (lengths - 1).clamp_min(0)[:, None, None].expand(B, 1, psi.shape[2]))[:, 0] if T else first
+    gram = full - last[:, :, None] * last[:, None, :]
+    gram_y = full - first[:, :, None] * first[:, None, :]
     n_pairs = (lengths - 1).clamp_min(0)
-    pairs = torch.arange(1, max(X.shape[1], 1), device=X.device)[None, :] < lengths[:, None]
-    gram, cross, gram_y = _edmd_matrices(psi[:, :-1], psi[:, 1:], pairs, scaling)
+    if scaling == "mean":
+        n = n_pairs.clamp_min(1).to(torch.float64)[:, None, None]
+        gram, cross, gram_y = gram / n, cross / n, gram_y / n
     return _solve_koopman(gram, cross, ridge), gram, cross, gram_y, n_pairs
 
 
@@ -493,7 +508,8 @@ def dsd_with_info(
     placeholder = torch.diag(torch.linspace(0.5, 1.0, m, dtype=K.dtype, device=K.device))
     K = torch.where(enough[:, None, None], K, placeholder)
     if spectrum == "eig":
-        moduli = _EigenvalueModuli.apply(K)
+        needs_grad = torch.is_grad_enabled() and K.requires_grad
+        moduli = _EigenvalueModuli.apply(K) if needs_grad else torch.linalg.eigvals(K).abs()
     else:
         moduli = torch.sqrt(torch.linalg.svdvals(K) ** 2 + _SINGULAR_EPS)
     keep = enough[:, None].expand(-1, m)
