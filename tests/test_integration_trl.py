@@ -61,20 +61,24 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
-def train(tiny_dir: Path, out: Path, peft_config=None, **overrides) -> LatentGRPOTrainer:
+def make_trainer(tiny_dir: Path, out: Path, peft_config=None, **overrides) -> LatentGRPOTrainer:
     options = dict(
         output_dir=str(out), per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
         max_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
         seed=0, temperature=1.0, disable_tqdm=True, bf16=False,  # float32: compare to 1e-5
     )
     options.update(overrides)
-    args = LatentGRPOConfig(**options)
     _, tokenizer = build_tiny_model(seed=0, **TINY)
     trainer = LatentGRPOTrainer(
-        model=str(tiny_dir), reward_funcs=digit_reward, args=args,
+        model=str(tiny_dir), reward_funcs=digit_reward, args=LatentGRPOConfig(**options),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer, peft_config=peft_config,
     )
     trainer.latent_records = []
+    return trainer
+
+
+def train(tiny_dir: Path, out: Path, peft_config=None, **overrides) -> LatentGRPOTrainer:
+    trainer = make_trainer(tiny_dir, out, peft_config, **overrides)
     trainer.train()
     return trainer
 
@@ -250,6 +254,14 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
             assert out.terms["kl_set_kl"] > 0  # the policy has moved away from the reference
     logged = [key for key in trainer.state.log_history[0] if key.startswith("latent/")]
     assert "latent/relax/xp" in logged and "latent/koopman_fit_loss" in logged
+
+    # The fitted dictionary travels with the latent state (checkpoints, resume).
+    fitted = trainer.koopman.dictionary.weight.clone()
+    trainer.save_latent_state(str(tmp_path / "state"))
+    with torch.no_grad():
+        trainer.koopman.dictionary.weight.zero_()
+    trainer.load_latent_state(str(tmp_path / "state"))
+    assert torch.equal(trainer.koopman.dictionary.weight, fitted) and trainer.koopman.fitted
 
 
 def test_verl_two_trl_steps_match_latentx(tiny_dir, tmp_path):
@@ -455,7 +467,8 @@ def test_relax_group_split_over_processes_and_microbatches_equals_unsplit(kl_set
     "options",
     [
         dict(latent_objective="relax", relax_lme_scope="microbatch", relax_kl_set="code"),
-        dict(latent_objective="relax", per_device_train_batch_size=4, steps_per_generation=2, beta=0.01),
+        dict(latent_objective="relax", per_device_train_batch_size=4, steps_per_generation=2, beta=0.01,
+             gradient_checkpointing=True),
         dict(latent_objective="verl", verl_apply_to="last_token", verl_performance_scaling=True, verl_gating="sum"),
         dict(latent_objective="entropy_bonus", use_adaptive_entropy=True, entropy_target=10.0),
         dict(latent_objective="kl_cov", loss_type="dr_grpo", gradient_accumulation_steps=2),
@@ -471,3 +484,15 @@ def test_option_matrix_trains(tiny_dir, tmp_path, options):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     if options["latent_objective"] in ("relax", "verl", "kl_cov"):
         assert any(key.startswith("latent/") for key in trainer.state.log_history[0])
+
+
+@pytest.mark.slow
+def test_resume_restores_the_latent_state(tiny_dir, tmp_path):
+    options = dict(latent_objective="verl", verl_stride=4, save_strategy="steps", save_steps=2)
+    first = train(tiny_dir, tmp_path, **options)
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "latentx_state.json").exists()
+    resumed = make_trainer(tiny_dir, tmp_path, **{**options, "max_steps": 3})
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    (rollout,) = [r for r in resumed.latent_records if r["kind"] == "verl_rollout"]
+    assert rollout["baselines_used"] == dataclasses.asdict(first.verl_baselines)  # not a fresh EMA
