@@ -104,6 +104,7 @@ def _print_summary(summary: dict, cfg) -> None:
 
 # --- sub-commands (one line each; the command functions live in their own modules) ---
 # COMMANDS-BEGIN
+from latentx.evaluate import eval_command; app.command("eval")(eval_command)  # noqa: E402,E702
 # COMMANDS-END
 
 
