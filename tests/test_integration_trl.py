@@ -327,8 +327,9 @@ def test_relax_with_peft_captures_the_policy_not_the_reference(tiny_dir, tmp_pat
 
 def test_kl_cov_trl_steps_match_latentx(tiny_dir, tmp_path):
     # num_iterations=2: the second step re-uses the rollout after an update, so ratios differ from 1.
+    # loss_type="dapo" (TRL's default): token sum / tokens of the generation batch = latentx's token mean here.
     trainer = train(
-        tiny_dir, tmp_path, latent_objective="kl_cov", loss_type="bnpo", num_iterations=2, kl_cov_k_ratio=0.2
+        tiny_dir, tmp_path, latent_objective="kl_cov", loss_type="dapo", num_iterations=2, kl_cov_k_ratio=0.2
     )
     losses = [r for r in trainer.latent_records if r["kind"] == "kl_cov_loss"]
     assert len(losses) == 2
