@@ -4,7 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv test test-slow demo bench clean
+VERL_VENV ?= .venv-verl
+VBIN := $(VERL_VENV)/bin
+
+.PHONY: venv test test-slow demo bench clean venv-verl test-verl
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,3 +34,17 @@ clean:
 # The main job on its embedded defaults: tiny model, countdown, ReLaX, on CPU.
 demo: venv
 	$(BIN)/latentx train --out runs/demo
+
+# verl 0.9.1 pins transformers<5.11 and an older antlr4: it lives in its own environment.
+$(VBIN)/.installed: requirements/verl.txt requirements/verl-constraints.txt pyproject.toml
+	test -x $(VBIN)/python || $(PY) -m venv $(VERL_VENV)
+	$(VBIN)/python -m pip install -q --upgrade pip
+	$(VBIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(VBIN)/python -m pip install -q -c requirements/verl-constraints.txt -r requirements/verl.txt
+	$(VBIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+venv-verl: $(VBIN)/.installed
+
+test-verl: venv-verl
+	$(VBIN)/python -m pytest -q tests/test_integration_verl.py
