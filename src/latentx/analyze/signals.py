@@ -1,0 +1,348 @@
+"""Per-response latent-dynamics signals of one model: sample, one forward each, reduce (METHODS.md §0-§2).
+
+For every sampled response i of one model this module computes, from ONE no-grad forward with hidden states
+(:func:`latentx.rollout.policy_forward`, final-layer states after the final norm, METHODS.md §0):
+
+* ``er``, ``erv``, ``era`` -- effective rank of the whole response and the velocity / acceleration of its
+  prefix series m_k (METHODS.md §1, :func:`latentx.dynamics.rank_dynamics`);
+* ``dsd`` -- Dynamic Spectral Dispersion Var_j |lambda_j(K)| (METHODS.md §2, :func:`latentx.dynamics.dsd_with_info`),
+  the Koopman eigenvalues lambda_j and their Residual-DMD residuals (:func:`latentx.dynamics.koopman_spectrum`);
+* ``entropy`` -- mean token entropy of the policy over the response's tokens (natural log);
+* ``confidence`` -- mean log-probability of the sampled tokens, (1/T) sum_t log pi(o_t | o_<t), <= 0;
+  higher means more confident (exp of it is the geometric-mean probability of the sampled tokens);
+* ``length`` (tokens, the EOS counts), ``reward`` and ``correct`` (the task's verifier).
+
+Undefined values are NaN here (the trainer uses 0, METHODS.md §1, but 0 would distort statistics):
+ER needs >= 2 tokens, DSD and the spectrum >= 3 tokens (2 snapshot pairs), ERV >= 2 and ERA >= 3 prefix
+windows (T' - 1 >= 2s, resp. 3s, with T' = min(T, window)).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from latentx import dynamics
+from latentx.objectives.relax import RelaxConfig
+from latentx.rollout import Sequences, policy_forward, sample_responses
+
+__all__ = [
+    "SignalSettings",
+    "PrefixSeries",
+    "ModelSignals",
+    "signal_defaults",
+    "prefix_effective_ranks",
+    "window_counts",
+    "compute_model_signals",
+]
+
+
+def signal_defaults(max_new_tokens: int) -> tuple[int, int]:
+    """``(stride, m)`` scaled to responses of at most ``max_new_tokens`` = L tokens.
+
+    The same rule as ``latentx train``'s ``signals.auto_scale``: stride = clamp(L // 8, 2, 40) and
+    m = clamp(L // 3, 4, 50); both reach the papers' values (40, 50) from L = 320 / 150 tokens on.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    return int(min(40, max(2, max_new_tokens // 8))), int(min(50, max(4, max_new_tokens // 3)))
+
+
+@dataclass
+class SignalSettings:
+    """How the signals are computed (shared by every model of one analysis)."""
+
+    stride: int
+    window: int | None = 512
+    m: int = 50
+    ridge: float = 1e-3
+    scaling: str = "mean"
+    fit_epochs: int = 1
+    fit_seed: int = 0
+    batch_size: int = 16  # responses per generate / forward chunk (rounded to whole prompt groups)
+    examples: int = 3  # responses per model whose prefix ER series is kept for the figure
+
+    def __post_init__(self) -> None:
+        for name in ("stride", "m", "fit_epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2):
+            raise ValueError(f"window must be an int >= 2 or None, got {self.window!r}")
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 0:
+            raise ValueError(f"examples must be an int >= 0, got {self.examples!r}")
+
+
+def window_counts(lengths: np.ndarray, stride: int, window: int | None) -> np.ndarray:
+    """K, the number of prefix windows of METHODS.md §1 per response (0 when T' < 2s)."""
+    tail = np.asarray(lengths) if window is None else np.minimum(lengths, window)
+    return np.where(tail >= 2 * stride, (tail - 1) // stride, 0)
+
+
+@dataclass
+class PrefixSeries:
+    """The prefix ER series of one response (METHODS.md §1) plus a dense curve for plotting.
+
+    ``window_sizes[k-1]`` = t_k + 1 = k*s + 1 rows of the tail H' and ``window_er[k-1]`` = m_k;
+    ``dense_sizes`` / ``dense_er``: ER(H'[:n]) for a grid of prefix sizes n (all n when T' is small).
+    ``tail_start``: index of the first response token in the tail window (0 unless T > window).
+    """
+
+    window_sizes: np.ndarray
+    window_er: np.ndarray
+    dense_sizes: np.ndarray
+    dense_er: np.ndarray
+    tail_start: int
+    stride: int
+
+
+def _prefix_ranks(tail: Tensor, sizes: list[int], chunk: int = 32) -> np.ndarray:
+    """ER(tail[:n]) for every n in ``sizes``, by :func:`latentx.dynamics.effective_rank` on masked copies."""
+    out = []
+    positions = torch.arange(tail.shape[0])
+    for start in range(0, len(sizes), chunk):
+        part = torch.tensor(sizes[start : start + chunk])
+        mask = positions[None, :] < part[:, None]
+        out.append(dynamics.effective_rank(tail.expand(len(part), -1, -1), mask).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def prefix_effective_ranks(H: Tensor, stride: int, window: int | None = 512, dense_points: int = 96) -> PrefixSeries:
+    """Prefix ER series m_k = ER(H'[: k*s + 1]), k*s < T', of ONE unpadded trajectory ``H: [T, d]``.
+
+    H' is the last ``window`` rows (METHODS.md §1).  The windows are listed whenever k*s < T' (so also when
+    T' < 2s, where ERV = ERA = 0 by definition).  Each value is :func:`latentx.dynamics.effective_rank` of
+    the prefix, so the series is exactly the one ``rank_dynamics`` averages into ERV / ERA.
+    """
+    if not isinstance(H, Tensor) or H.ndim != 2:
+        raise ValueError(f"H must be one trajectory of shape [T, d], got {getattr(H, 'shape', type(H).__name__)}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    H = H.detach().float().cpu()
+    tail = H if window is None else H[-window:]
+    t_tail = tail.shape[0]
+    window_sizes = [k * stride + 1 for k in range(1, t_tail) if k * stride < t_tail]
+    grid = list(range(2, t_tail + 1))
+    if len(grid) > dense_points:
+        grid = sorted(set(np.linspace(2, t_tail, dense_points).round().astype(int).tolist()) | set(window_sizes))
+    dense = _prefix_ranks(tail, grid) if grid else np.zeros(0)
+    lookup = dict(zip(grid, dense))
+    window_er = np.array([lookup[n] if n in lookup else _prefix_ranks(tail, [n])[0] for n in window_sizes])
+    return PrefixSeries(np.array(window_sizes, dtype=np.int64), window_er, np.array(grid, dtype=np.int64), dense,
+                        H.shape[0] - t_tail, stride)
+
+
+@dataclass
+class ModelSignals:
+    """Everything computed for one model.
+
+    ``columns``: per-response columns (equal length).  ``moduli``: ``[n, m]`` eigenvalue moduli sorted in
+    decreasing order (NaN rows where undefined).  ``eigen``: long-format eigenvalue table.  ``examples``:
+    response id -> :class:`PrefixSeries`.  ``notes``: messages for the user (empty responses, ...).
+    """
+
+    label: str
+    spec: str
+    hidden_size: int
+    m: int
+    dictionary_source: str
+    columns: dict[str, list]
+    moduli: np.ndarray
+    eigen: dict[str, list]
+    examples: dict[int, PrefixSeries] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    count = mask.sum(dim=1)
+    total = torch.where(mask, values.float(), torch.zeros((), dtype=torch.float32)).sum(dim=1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+
+
+def _chunks(n_prompts: int, samples: int, batch_size: int) -> list[slice]:
+    per = max(1, batch_size // samples)
+    return [slice(s, min(s + per, n_prompts)) for s in range(0, n_prompts, per)]
+
+
+def _pad_cat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    t = max(h.shape[1] for h, _ in parts)
+    H = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1])) for h, _ in parts])
+    M = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for _, m in parts])
+    return H, M
+
+
+def compute_model_signals(
+    label: str,
+    spec: str,
+    model,
+    tokenizer,
+    task,
+    instances: list,
+    samples: int,
+    max_new_tokens: int,
+    settings: SignalSettings,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    dictionary: dynamics.KoopmanDictionary | None = None,
+    dictionary_source: str = "",
+    progress: bool = False,
+) -> ModelSignals:
+    """Sample ``samples`` responses per instance and compute every per-response signal (module docstring).
+
+    ``dictionary``: a fitted Koopman dictionary to use (from a run or ``--dictionary``); ``None`` fits one on
+    this model's trajectories with the training defaults (:class:`latentx.objectives.relax.RelaxConfig`:
+    Adam, lr 1e-4, mini-batches of 64, residual loss; ``settings.fit_epochs`` passes; seed
+    ``settings.fit_seed``), exactly as ``latentx train`` does on its first step.
+    """
+    from tqdm.auto import tqdm
+
+    if not instances:
+        raise ValueError("instances must not be empty")
+    timings = {"sample": 0.0, "forward": 0.0, "signals": 0.0, "fit": 0.0}
+    prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
+    torch.manual_seed(seed)
+    kept: list[tuple[Tensor, Tensor]] = []
+    cols: dict[str, list] = {k: [] for k in ("prompt_index", "sample_index", "length", "entropy", "confidence",
+                                              "er", "erv", "era", "reward", "correct", "text")}
+    chunks = _chunks(len(prompts), samples, settings.batch_size)
+    for part in tqdm(chunks, desc=f"{label}: sample + forward", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        seqs: Sequences = sample_responses(model, tokenizer, prompts[part], samples, max_new_tokens, temperature, top_p)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            fo = policy_forward(model, seqs, want_hidden=True)
+        t2 = time.perf_counter()
+        mask = seqs.response_mask.cpu()
+        hidden = fo.hidden.detach().float().cpu()
+        rd = dynamics.rank_dynamics(hidden, mask, stride=settings.stride, window=settings.window)
+        timings["sample"] += t1 - t0
+        timings["forward"] += t2 - t1
+        timings["signals"] += time.perf_counter() - t2
+        kept.append((hidden, mask))
+        for row, text in enumerate(seqs.texts):
+            g = part.start + row // samples
+            cols["prompt_index"].append(g)
+            cols["sample_index"].append(row % samples)
+            cols["reward"].append(float(task.reward(instances[g], text)))
+            cols["correct"].append(bool(task.is_correct(instances[g], text)))
+            cols["text"].append(text)
+        cols["length"].extend(mask.sum(dim=1).tolist())
+        cols["entropy"].extend(_masked_mean(fo.entropy.cpu(), mask).tolist())
+        cols["confidence"].extend(_masked_mean(fo.logp.cpu(), mask).tolist())
+        cols["er"].extend(rd.er.tolist())
+        cols["erv"].extend(rd.erv.tolist())
+        cols["era"].extend(rd.era.tolist())
+
+    notes: list[str] = []
+    lengths = np.asarray(cols["length"])
+    n = len(lengths)
+    hidden_size = kept[0][0].shape[-1]
+    t0 = time.perf_counter()
+    if dictionary is None:
+        if (lengths >= 3).any():
+            H, M = _pad_cat(kept)
+            dictionary = dynamics.KoopmanDictionary(hidden_size, m=settings.m, seed=settings.fit_seed)
+            rc = RelaxConfig()
+            dictionary.fit(H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, epochs=settings.fit_epochs,
+                           loss=rc.fit_loss, ridge=settings.ridge, scaling=settings.scaling, progress=progress)
+            dictionary.requires_grad_(False)
+            dictionary_source = f"fitted on these {n} trajectories ({dictionary.steps_} Adam steps)"
+        else:
+            dictionary_source = "none (no response has the 3 tokens a Koopman fit needs)"
+    elif dictionary.hidden_size != hidden_size:
+        raise ValueError(
+            f"model {label!r}: the Koopman dictionary ({dictionary_source}) expects hidden size "
+            f"{dictionary.hidden_size} but the model's hidden states have {hidden_size}"
+        )
+    timings["fit"] = time.perf_counter() - t0
+    m = dictionary.m if dictionary is not None else settings.m
+
+    t0 = time.perf_counter()
+    dsd_values, moduli_rows, eig_rows, res_rows = [], [], [], []
+    for hidden, mask in kept:
+        if dictionary is None:
+            dsd_values.append(np.full(hidden.shape[0], np.nan))
+            eig_rows.append(np.full((hidden.shape[0], m), np.nan + 0j))
+            res_rows.append(np.full((hidden.shape[0], m), np.nan))
+            continue
+        with torch.no_grad():
+            info = dynamics.dsd_with_info(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
+            spectrum = dynamics.koopman_spectrum(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
+        dsd_values.append(info.dsd.double().numpy())
+        eig_rows.append(spectrum.eigvals.to(torch.complex128).numpy())
+        res_rows.append(spectrum.residuals.double().numpy())
+    eigvals, residuals = np.concatenate(eig_rows), np.concatenate(res_rows)
+    timings["signals"] += time.perf_counter() - t0
+
+    windows = window_counts(lengths, settings.stride, settings.window)
+    short_dsd = lengths < 3
+    cols["dsd"] = np.where(short_dsd, np.nan, np.concatenate(dsd_values)).tolist()
+    cols["er"] = np.where(lengths < 2, np.nan, cols["er"]).tolist()
+    cols["erv"] = np.where(windows < 2, np.nan, cols["erv"]).tolist()
+    cols["era"] = np.where(windows < 3, np.nan, cols["era"]).tolist()
+    eigvals[short_dsd] = np.nan
+    residuals[short_dsd] = np.nan
+    moduli = np.abs(eigvals)  # sorted by decreasing modulus (koopman_spectrum)
+    cols["spectral_radius"] = moduli[:, 0].tolist() if m else [math.nan] * n
+    finite_res = np.where(np.isfinite(residuals), residuals, np.nan)
+    with np.errstate(invalid="ignore"):
+        cols["median_residual"] = [float(np.nanmedian(r)) if np.isfinite(r).any() else math.nan for r in finite_res]
+    cols["windows"] = windows.tolist()
+    cols["response_id"] = list(range(n))
+
+    eigen: dict[str, list] = {"response_id": [], "prompt_index": [], "mode": [], "real": [], "imag": [],
+                              "modulus": [], "residual": [], "correct": []}
+    for i in np.nonzero(~short_dsd)[0]:
+        eigen["response_id"].extend([int(i)] * m)
+        eigen["prompt_index"].extend([cols["prompt_index"][i]] * m)
+        eigen["mode"].extend(range(m))
+        eigen["real"].extend(eigvals[i].real.tolist())
+        eigen["imag"].extend(eigvals[i].imag.tolist())
+        eigen["modulus"].extend(moduli[i].tolist())
+        eigen["residual"].extend(residuals[i].tolist())
+        eigen["correct"].extend([cols["correct"][i]] * m)
+
+    empty = sum(1 for t in cols["text"] if not t.strip())
+    if short_dsd.all():
+        notes.append(f"model {label!r}: all {n} responses have fewer than 3 tokens ({empty} with empty text); "
+                     "no ER / DSD / spectrum could be computed for it (NaN in the tables)")
+    elif short_dsd.any() or empty:
+        notes.append(f"model {label!r}: {int(short_dsd.sum())} of {n} responses have fewer than 3 tokens and "
+                     f"{empty} have empty text; their undefined signals are NaN")
+    if (windows < 2).all() and not short_dsd.all():
+        notes.append(f"model {label!r}: no response reaches the {2 * settings.stride + 1} tokens that ERV needs "
+                     f"(stride {settings.stride}); lower --stride or raise --max-new-tokens")
+
+    examples = _pick_examples(cols, windows, settings.examples)
+    by_response = [(h[j], mk[j]) for h, mk in kept for j in range(h.shape[0])]
+    series = {i: prefix_effective_ranks(by_response[i][0][by_response[i][1]], settings.stride, settings.window)
+              for i in examples}
+    return ModelSignals(label, spec, hidden_size, m, dictionary_source, cols, moduli, eigen, series, timings, notes)
+
+
+def _pick_examples(cols: dict[str, list], windows: np.ndarray, count: int) -> list[int]:
+    """Responses for the prefix-curve figure: the longest correct one first, then the longest others.
+
+    Prefers responses with >= 3 windows (ERA defined), then >= 2, then >= 1.
+    """
+    if count == 0:
+        return []
+    lengths = np.asarray(cols["length"])
+    for need in (3, 2, 1):
+        pool = np.nonzero(windows >= need)[0]
+        if len(pool):
+            break
+    else:
+        return []
+    ranked = sorted(pool.tolist(), key=lambda i: (-lengths[i], i))
+    correct = [i for i in ranked if cols["correct"][i]]
+    chosen = correct[:1]
+    chosen += [i for i in ranked if i not in chosen][: count - len(chosen)]
+    return sorted(chosen)
