@@ -12,6 +12,8 @@ problem; without one, ``plain_template`` is filled in with the problem.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Literal
@@ -57,6 +59,8 @@ class MathTask(Task):
     ) -> None:
         self.validate_options(path=path, limit=limit, on_error=on_error, eval_path=eval_path,
                               eval_fraction=eval_fraction, plain_template=plain_template, grade_timeout=grade_timeout)
+        self.path, self.eval_path, self.eval_fraction = path, eval_path, eval_fraction
+        self.problem_key, self.answer_key, self.limit = problem_key, answer_key, limit
         self.chat = chat
         self.system_prompt = system_prompt
         self.plain_template = plain_template
@@ -71,6 +75,8 @@ class MathTask(Task):
             self.pools = {"train": [], "eval": []}
             for inst in problems:
                 self.pools["eval" if in_eval_split(inst.prompt.strip(), eval_fraction) else "train"].append(inst)
+        content = json.dumps([[i.prompt, i.answer] for split in ("train", "eval") for i in self.pools[split]])
+        self.problems_sha256 = hashlib.sha256(content.encode()).hexdigest()  # identity for the warm-start cache
         for split, pool in self.pools.items():
             if not pool:
                 raise ValueError(f"task.options: the math task has no {split} problems (file {eval_path if split == 'eval' and eval_path else path})")
