@@ -71,6 +71,22 @@ def test_effective_rank_is_one_for_rank_one_and_constant_trajectories() -> None:
     assert effective_rank(constant, full_mask(1, 11)).item() == 1.0
 
 
+@pytest.mark.parametrize("noise", [1e-4, 1e-6])
+def test_nearly_rank_one_trajectories_keep_their_small_singular_values(noise: float) -> None:
+    # Tiny singular values still count: 40 modes at ~3e-7 sigma_max move ER by 1.5e-4, so dropping them
+    # would fail here.  The float64 Gram resolves them to a few percent (ER to ~5e-6): hence rel=2e-5.
+    g = torch.Generator().manual_seed(21)
+    t = torch.linspace(-1, 1, 60, dtype=torch.float64)
+    H = (t[:, None] * torch.randn(40, dtype=torch.float64, generator=g) + noise * torch.randn(60, 40, dtype=torch.float64, generator=g))[None]
+    expected = exact_er(torch.linalg.svdvals(H[0] - H[0].mean(dim=0)).tolist())
+    assert expected > 1 + 1e-5
+    assert effective_rank(H, full_mask(1, 60)).item() == pytest.approx(expected, rel=2e-5)
+    fast = rank_dynamics(H, full_mask(1, 60), stride=10, window=None)
+    ref = rank_dynamics_reference(H, full_mask(1, 60), stride=10, window=None)
+    for got, want in zip(fast, ref):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_effective_rank_is_zero_below_two_tokens() -> None:
     H = torch.randn(3, 4, 5)
     mask = torch.tensor([[False] * 4, [False, True, False, False], [True, True, False, False]])

@@ -11,13 +11,14 @@ Numerics shared by every function here
 * sigma is read from the eigenvalues of the smaller of the centered Gram X~X~^T (k x k) and the covariance
   X~^T X~ (d x d), centered, formed and solved in **float64** (also for float32 input, whose values are
   exactly representable in float64): sigma = sqrt(max(eig, 0)).
-* Each response is divided by c = max|X~| before forming those matrices (so any finite input, e.g. 1e6 or
-  1e200 in float64, is safe), and the ``+1e-8`` of the denominator becomes ``1e-8 / c``: the result is
-  *identical* to the formula on the raw scale, not an approximation.
-* Eigenvalues below 1e-12 * (largest eigenvalue) count as sigma = 0 (they are below what float64 can resolve;
-  their total contribution to ER is < 1e-5 relative even in contrived cases).  For them the gradient of
-  sqrt is taken as 0, which makes every gradient finite: at rank-deficient points ER is not differentiable
-  and this is the minimum-norm choice of subgradient for the sigma = 0 directions.
+* float32 / bf16 values are exact in float64 and their squares can neither overflow nor underflow there.  A
+  float64 response with max|X~| outside [1e-100, 1e100] is divided by c = max|X~| first and the ``+1e-8``
+  of the denominator becomes ``1e-8 / c``: the result is *identical* to the formula on the raw scale.
+* Eigenvalues within the eigen-solver's float64 rounding noise, |eig| <= n * eps64 * (largest eigenvalue)
+  for an n x n problem, count as sigma = 0: they are sigma <= sqrt(n * eps64) * sigma_max (< 1e-6 sigma_max
+  for n <= 4096), numerically indistinguishable from 0.  For them the gradient of sqrt is taken as 0,
+  which makes every gradient finite: at rank-deficient points ER is not differentiable and this is the
+  minimum-norm choice of subgradient for the sigma = 0 directions.
 * Gradients through ``torch.linalg.eigvalsh`` use only eigenvectors (V diag(g) V^T), never eigenvalue
   gaps, so repeated singular values are fine.
 """
@@ -34,7 +35,7 @@ from latentx.dynamics._validate import check_trajectories, compute_dtype, pack_v
 __all__ = ["RankDynamics", "effective_rank", "rank_dynamics", "rank_dynamics_reference"]
 
 _ER_EPS = 1e-8  # the two +1e-8 terms of METHODS.md section 1
-_EIG_REL_FLOOR = 1e-12  # eigenvalues below this fraction of the largest one are treated as sigma = 0
+_FLOAT64_EPS = torch.finfo(torch.float64).eps
 
 
 class RankDynamics(NamedTuple):
@@ -52,7 +53,7 @@ def _er_from_eigenvalues(eigs: Tensor, eps: Tensor | float) -> Tensor:
     by c); broadcastable to ``eigs.shape[:-1]``.
     """
     top = eigs.amax(dim=-1, keepdim=True).clamp_min(0)
-    keep = eigs > _EIG_REL_FLOOR * top
+    keep = eigs > eigs.shape[-1] * _FLOAT64_EPS * top  # above the solver's rounding noise
     sigma = torch.where(keep, torch.sqrt(torch.where(keep, eigs, torch.ones_like(eigs))), torch.zeros_like(eigs))
     if isinstance(eps, Tensor):
         eps = eps.unsqueeze(-1)
@@ -60,25 +61,52 @@ def _er_from_eigenvalues(eigs: Tensor, eps: Tensor | float) -> Tensor:
     return torch.exp(-(p * torch.log(p + _ER_EPS)).sum(dim=-1))
 
 
-def _center_and_scale(X: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Center each response over its valid rows and divide it by c = max|X~| (detached; c = 1 if X~ = 0)."""
+_SAFE_SCALE = (1e-100, 1e100)  # float64 squares stay normal inside this range
+
+
+def _center(X: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 rows of each response minus their mean (padded rows zero), and the ER ``eps`` per response.
+
+    float32 / bf16 / f16 values are exact in float64 and their squares cannot overflow or underflow there.
+    A float64 response with max|X~| outside [1e-100, 1e100] is divided by c = max|X~| (detached) and its eps
+    becomes 1e-8 / c, which leaves ER exactly as written on the raw scale.
+    """
+    Xd = X.double()
     valid = torch.arange(X.shape[1], device=X.device)[None, :] < lengths[:, None]
-    mean = X.sum(dim=1, keepdim=True) / lengths.clamp_min(1)[:, None, None].to(X.dtype)
-    Xc = torch.where(valid[:, :, None], X - mean, torch.zeros((), dtype=X.dtype, device=X.device))
-    scale = Xc.detach().abs().amax(dim=(1, 2)) if X.numel() else torch.ones(X.shape[0], dtype=X.dtype, device=X.device)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return Xc / scale[:, None, None], scale
+    mean = Xd.sum(dim=1, keepdim=True) / lengths.clamp_min(1)[:, None, None].to(torch.float64)
+    Xc = Xd - mean
+    if X.shape[0] and int(lengths.min()) < X.shape[1]:
+        Xc = Xc.masked_fill(~valid[:, :, None], 0.0)
+    scale = torch.ones(X.shape[0], dtype=torch.float64, device=X.device)
+    if X.dtype == torch.float64 and X.numel():
+        top = torch.maximum(Xc.detach().amax(dim=(1, 2)), -Xc.detach().amin(dim=(1, 2)))
+        rescale = (top > 0) & ((top < _SAFE_SCALE[0]) | (top > _SAFE_SCALE[1]))
+        if bool(rescale.any()):
+            scale = torch.where(rescale, top, scale)
+            Xc = Xc / scale[:, None, None]
+    return Xc, _ER_EPS / scale
 
 
 def _effective_rank_packed(X: Tensor, lengths: Tensor) -> Tensor:
     """ER of packed trajectories ``X: [B, T, d]`` (valid prefix of length ``lengths``, zero padding)."""
-    B, T, d = X.shape
-    if T < 2:  # zeros that stay attached to the graph, so that .backward() works on any batch
+    if X.shape[1] < 2:  # zeros that stay attached to the graph, so that .backward() works on any batch
         return X[:, :0].sum(dim=(1, 2))
-    Xs, scale = _center_and_scale(X.double(), lengths)  # centering in float64: exact for float32 input
-    gram = Xs @ Xs.mT if T <= d else Xs.mT @ Xs  # padded rows are zero: they only add zero eigenvalues
-    er = _er_from_eigenvalues(torch.linalg.eigvalsh(gram), _ER_EPS / scale)
-    return torch.where(lengths >= 2, er, torch.zeros_like(er)).to(X.dtype)
+    Xc, eps = _center(X, lengths)
+    return _effective_rank_centered(Xc, eps, lengths, None).to(X.dtype)
+
+
+def _effective_rank_centered(Xc: Tensor, eps: Tensor, lengths: Tensor, gram: Tensor | None) -> Tensor:
+    """ER from centered float64 rows; ``gram`` = Xc Xc^T when the caller already has it (T <= d)."""
+    B, T, d = Xc.shape
+    if gram is None:
+        gram = Xc @ Xc.mT if T <= d else Xc.mT @ Xc  # zero padded rows add nothing to the covariance
+    if T <= d and int(lengths.min()) < T:
+        # Padded rows/columns of the Gram are exactly zero (a decoupled block).  Put -1 on their diagonal so
+        # that block's eigenvalues are exactly -1 (dropped as sigma = 0) instead of rounding noise near 0.
+        padded = torch.arange(T, device=Xc.device)[None, :] >= lengths[:, None]
+        gram = gram - torch.diag_embed(padded.to(gram.dtype))
+    er = _er_from_eigenvalues(torch.linalg.eigvalsh(gram), eps)
+    return torch.where(lengths >= 2, er, torch.zeros_like(er))
 
 
 def effective_rank(H: Tensor, mask: Tensor) -> Tensor:
@@ -150,26 +178,25 @@ def _tail(X: Tensor, lengths: Tensor, window: int | None) -> tuple[Tensor, Tenso
     return torch.where(valid[:, :, None], Xt, torch.zeros((), dtype=X.dtype, device=X.device)), tail_len
 
 
-def _prefix_effective_ranks(X: Tensor, lengths: Tensor, stride: int, n_windows: Tensor) -> Tensor:
+def _prefix_effective_ranks(
+    Xc: Tensor, eps: Tensor, stride: int, n_windows: Tensor, gram: Tensor | None = None
+) -> Tensor:
     """m[b, k-1] = ER(X[b, : k*stride + 1]) for k = 1..K_max, without redoing each window from scratch.
 
-    The centered Gram of prefix n is P_n G[:n, :n] P_n (P_n the centering projector, G = XX^T computed once),
-    so for windows with n <= d we cut blocks out of one Gram matrix and center them with row sums.  For
-    n > d we keep running sums S_n = sum x x^T and u_n = sum x (each new row is added once) and use the
-    covariance S_n - u_n u_n^T / n.  Every response is shifted by its own mean and divided by c = max|.|
-    first (exact, see the module docstring), and all of this is float64.  Eigen-solves are batched over
-    responses; only responses that have window k take part in step k.
+    ``Xc``: float64 rows shifted by any per-response vector (each window is re-centered exactly below),
+    padded rows zero.  The centered Gram of prefix n is P_n G[:n, :n] P_n (P_n the centering projector,
+    G = Xc Xc^T computed once, or passed in as ``gram``), so windows with n <= d are blocks of one Gram
+    matrix centered with row sums.  For n > d we keep running sums S_n = sum x x^T and u_n = sum x (each
+    new row is added once) and use the covariance S_n - u_n u_n^T / n.  Eigen-solves are batched over the
+    responses that have window k.
     """
-    B, T, d = X.shape
+    B, T, d = Xc.shape
     k_max = int(n_windows.max()) if B else 0
-    m = torch.zeros(B, k_max, dtype=torch.float64, device=X.device)
-    if k_max == 0:
-        return m
-    Xs, scale = _center_and_scale(X.double(), lengths)  # a shift by the full mean: exact for every prefix
-    eps = _ER_EPS / scale
+    m = torch.zeros(B, k_max, dtype=torch.float64, device=Xc.device)
     sizes = [k * stride + 1 for k in range(1, k_max + 1)]
     n_gram = max([n for n in sizes if n <= d], default=0)
-    gram = Xs[:, :n_gram] @ Xs[:, :n_gram].mT if n_gram else None
+    if n_gram and (gram is None or gram.shape[-1] < n_gram):
+        gram = Xc[:, :n_gram] @ Xc[:, :n_gram].mT
     cov_sum = cov_u = None
     cov_rows = 0
     for k, n in enumerate(sizes, start=1):
@@ -181,14 +208,18 @@ def _prefix_effective_ranks(X: Tensor, lengths: Tensor, stride: int, n_windows: 
             centered = block - (rows[:, :, None] + rows[:, None, :]) / n + (total / (n * n))[:, None, None]
         else:
             if cov_sum is None:
-                cov_sum = Xs.new_zeros(B, d, d)
-                cov_u = Xs.new_zeros(B, d)
-            new_rows = Xs[:, cov_rows:n]
+                cov_sum = Xc.new_zeros(B, d, d)
+                cov_u = Xc.new_zeros(B, d)
+            new_rows = Xc[:, cov_rows:n]
             cov_sum = cov_sum + new_rows.mT @ new_rows
             cov_u = cov_u + new_rows.sum(dim=1)
             cov_rows = n
             centered = cov_sum[active] - cov_u[active, :, None] * cov_u[active, None, :] / n
         eigs = torch.linalg.eigvalsh(centered)
+        if n <= d:
+            # The centered Gram has the exact null vector 1; its computed eigenvalue is cancellation noise of
+            # the uncentered block, so it is set to the exact 0 (it is the smallest, eigvalsh sorts ascending).
+            eigs[:, 0] = 0.0
         m[active, k - 1] = _er_from_eigenvalues(eigs, eps[active])
     return m
 
@@ -212,10 +243,21 @@ def rank_dynamics(H: Tensor, mask: Tensor, stride: int = 40, window: int | None 
     H, mask = check_trajectories(H, mask)
     with torch.no_grad():
         X, lengths = pack_valid(H, mask)
-        er = _effective_rank_packed(X, lengths)
-        Xt, tail_len = _tail(X, lengths, window)
+        B, T, d = X.shape
+        if T < 2:
+            zeros = X.new_zeros(B)
+            return RankDynamics(zeros, zeros, zeros)
+        Xc, eps = _center(X, lengths)
+        gram = Xc @ Xc.mT if T <= d else None
+        er = _effective_rank_centered(Xc, eps, lengths, gram)
+        if window is None or T <= window:  # the tail is the whole response: reuse its centered rows and Gram
+            tail_len = lengths
+        else:
+            Xt, tail_len = _tail(X, lengths, window)
+            Xc, eps = _center(Xt, tail_len)
+            gram = None
         n_windows = torch.where(tail_len >= 2 * stride, (tail_len - 1) // stride, torch.zeros_like(tail_len))
-        m = _prefix_effective_ranks(Xt, tail_len, stride, n_windows)
+        m = _prefix_effective_ranks(Xc, eps, stride, n_windows, gram)
         erv, era = _velocity_acceleration(m, n_windows)
     dtype = compute_dtype(H.dtype)
     return RankDynamics(er.to(dtype), erv.to(dtype), era.to(dtype))
