@@ -142,6 +142,8 @@ EXTRACTION_CASES = [
     ("The answer is 3.5. Next sentence", "3.5"),
     ("The final answer is: 12", "12"),
     ("Answer: (B)\nmore text 99", "(B)"),
+    ("The final answer is: **42**.", "42"),
+    ("**Answer:** $7$", "7"),
     ("18 / 2 = 9\n#### 9", "9"),
     ("#### 1,234", "1,234"),
     ("I have 3 cats and 1,000 dogs", "1000"),

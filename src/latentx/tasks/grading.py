@@ -110,7 +110,7 @@ def _boxed_contents(text: str) -> list[str]:
 
 
 def _clean(answer: str) -> str:
-    answer = answer.strip()
+    answer = answer.strip().strip("*").strip()  # markdown bold: **42**
     answer = answer.strip("$").strip()
     for prefix in ("\\(", "\\["):
         if answer.startswith(prefix):
