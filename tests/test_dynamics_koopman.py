@@ -363,6 +363,10 @@ def test_fit_is_reproducible_and_survives_degenerate_trajectories() -> None:
     assert torch.isfinite(a.weight).all() and all(np.isfinite(a.loss_history_))
     c = KoopmanDictionary(4, m=6, seed=7).fit(H, mask, loss="svd", batch_size=1)
     assert torch.isfinite(c.weight).all()
+    frozen = KoopmanDictionary(4, m=6, seed=7).requires_grad_(False)  # a frozen dictionary can be refit
+    with torch.no_grad():
+        frozen.fit(H, mask, lr=1e-2, batch_size=2, epochs=2)
+    assert torch.equal(frozen.weight, a.weight) and not frozen.weight.requires_grad
     with pytest.raises(ValueError, match="loss"):
         a.fit(H, mask, loss="l2")
     with pytest.raises(ValueError, match="batch_size"):

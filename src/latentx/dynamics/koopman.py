@@ -173,25 +173,36 @@ class KoopmanDictionary(nn.Module):
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="Koopman dictionary fit")
-        for chunk in batches:
-            chunk = chunk.to(X.device)
-            objective = self._batch_loss(X[chunk], lengths[chunk], loss, ridge, scaling)
-            if objective is None or not bool(torch.isfinite(objective)):
-                self.skipped_steps_ += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if not bool(torch.isfinite(self.weight.grad).all()):
-                self.skipped_steps_ += 1
-                continue
-            optimizer.step()
-            self.steps_ += 1
-            self.loss_history_.append(float(objective.detach()))
+        trainable = self.weight.requires_grad  # a frozen dictionary (requires_grad False) can still be refit
+        self.weight.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                for chunk in batches:
+                    self._fit_step(optimizer, X[chunk.to(X.device)], lengths[chunk.to(X.device)], loss, ridge, scaling)
+        finally:
+            self.weight.requires_grad_(trainable)
+            self.weight.grad = None
         self.n_trajectories_ += int(X.shape[0]) * epochs
         self.fit_params_ = dict(
             lr=float(lr), batch_size=batch_size, epochs=epochs, loss=loss, ridge=float(ridge), scaling=scaling
         )
         return self
+
+    def _fit_step(
+        self, optimizer: torch.optim.Optimizer, X: Tensor, lengths: Tensor, loss: str, ridge: float, scaling: Scaling
+    ) -> None:
+        objective = self._batch_loss(X, lengths, loss, ridge, scaling)
+        if objective is None or not bool(torch.isfinite(objective)):
+            self.skipped_steps_ += 1
+            return
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if not bool(torch.isfinite(self.weight.grad).all()):
+            self.skipped_steps_ += 1
+            return
+        optimizer.step()
+        self.steps_ += 1
+        self.loss_history_.append(float(objective.detach()))
 
     def _batch_loss(self, X: Tensor, lengths: Tensor, loss: str, ridge: float, scaling: Scaling) -> Tensor | None:
         psi = self.lift(X)
