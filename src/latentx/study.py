@@ -1,0 +1,957 @@
+"""``latentx study``: every objective × every seed from one warm start, compared with error bars.
+
+Does steering exploration by hidden-state dynamics (ReLaX's DSD, VERL's effective rank) beat token-level
+exploration (entropy bonus, KL-Cov, Clip-Cov) and plain GRPO?  A study answers with numbers that say how
+sure they are:
+
+1. **Prepare** (main process): warm-start the policy once (cached, so no two workers race to write it)
+   and evaluate the starting policy once on the held-out instances.
+2. **Tune** (optional, ``--tune relax.alpha=0.05,0.1,0.2``): each tuned objective runs its grid on the
+   *validation* seeds (disjoint from the study seeds) with the same number of runs per objective, and
+   is evaluated on validation instances (``eval.seed + 1`` unless ``validation_overrides`` say
+   otherwise).  The value with the best ``tune_metric`` (mean over validation seeds; ties: the earlier
+   grid value) is used in the study.
+3. **Run**: every objective × study seed, in parallel processes (spawn; one torch thread each when
+   there are several workers).  A run directory with ``summary.json`` and ``study_eval.json`` is done
+   and skipped; one with checkpoints resumes where it stopped.
+4. **Evaluate**: each finished run is evaluated once on the held-out instances with the trainer's
+   protocol (Mean@1 greedy, ``eval.n`` samples at ``eval.temperature``), keeping the per-problem correct
+   counts, so the Pass@k curve is known for every k = 1..n (``study_eval.json``).  The trainer's own
+   final evaluation is switched off in study runs: it does not keep the counts and would re-evaluate
+   the shared starting policy in every run.
+5. **Report**: per objective, mean and t confidence interval over seeds of the final metrics, the Pass@k
+   curve and the training signals (token entropy, DSD, ER); differences against the baseline paired
+   by seed (paired t-test, Wilcoxon signed-rank, Holm-adjusted); plots and ``report.md``.
+
+Layout of ``--out``::
+
+    study.yaml                  the base train config and study settings of the last invocation
+    start/eval.json             the starting policy (after the warm start) on the held-out instances
+    tune/<objective>/<key>=<value>/s<seed>/   tuning runs;  tune/choice.json
+    runs/<objective>/s<seed>/   study runs (config.yaml, metrics.jsonl, summary.json, study_eval.json)
+    results.json  report.md  plots/*.png
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import math
+import multiprocessing
+import os
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+import yaml
+
+from latentx.config import ConfigError, atomic_write_text, from_dict, merge_overrides, to_dict
+
+if TYPE_CHECKING:  # the heavy modules (torch) load only when a study runs
+    import numpy as np
+
+    from latentx.trainer import TrainConfig
+
+__all__ = ["StudyConfig", "StudyError", "load_study_config", "run_study", "evaluate_policy", "study_command"]
+
+EVAL_FILE = "study_eval.json"
+PRESETS = ("cpu", "gpu-math")
+#: training signals reported and plotted: (metrics.jsonl key, label)
+SIGNALS = (("reward_mean", "training reward"), ("entropy_mean", "token entropy"), ("dsd_mean", "DSD"),
+           ("er_mean", "effective rank"))
+
+
+class StudyError(RuntimeError):
+    """A study that cannot run or finish as asked; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyConfig:
+    """The ``study:`` section of a study YAML (every other section is a :class:`TrainConfig` section).
+
+    ``seeds``: a count N (seeds 0..N-1) or a list.  ``tune``: ``{"relax.alpha": [0.05, 0.1, 0.2]}``,
+    keys ``<objective>.<field>``; every tuned objective must get the same number of values.
+    ``validation_overrides``: ``section.field=value`` strings applied to tuning runs only (e.g. another
+    eval file for a fixed benchmark, or a cheaper ``eval.n``).  ``workers`` 0: one per available core.
+    """
+
+    objectives: list[str] = field(default_factory=lambda: ["grpo", "relax", "verl"])
+    seeds: int | list[int] = 3
+    workers: int = 0
+    baseline: str = "grpo"
+    level: float = 0.95
+    alpha: float = 0.05
+    tune: dict[str, Any] = field(default_factory=dict)
+    validation_seeds: list[int] = field(default_factory=lambda: [100, 101])
+    tune_metric: str = "mean@1_greedy"
+    validation_overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from latentx.trainer import OBJECTIVES
+
+        if isinstance(self.seeds, int):
+            if self.seeds < 1:
+                raise ValueError(f"study.seeds must be a positive count or a list of seeds, got {self.seeds}")
+            self.seeds = list(range(self.seeds))
+        self.seeds = [int(s) for s in self.seeds]
+        self.objectives = list(self.objectives)
+        for name in self.objectives:
+            if name not in OBJECTIVES:
+                raise ValueError(f"study.objectives: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+        for label, items in (("objectives", self.objectives), ("seeds", self.seeds),
+                             ("validation_seeds", self.validation_seeds)):
+            if len(set(items)) != len(items):
+                raise ValueError(f"study.{label} has duplicates: {items}")
+        if not self.objectives or not self.seeds:
+            raise ValueError("a study needs at least one objective and one seed")
+        if self.workers < 0:
+            raise ValueError(f"study.workers must be >= 0 (0 = one per core), got {self.workers}")
+        if not 0 < self.level < 1 or not 0 < self.alpha < 1:
+            raise ValueError(f"study.level and study.alpha must lie in (0, 1), got {self.level}, {self.alpha}")
+        self.tune = {str(k): _grid_values(k, v) for k, v in self.tune.items()}
+        sizes: dict[int, list[str]] = {}
+        for key in self.tune:
+            section = key.split(".", 1)[0]
+            if "." not in key or section not in OBJECTIVES or section == "grpo":
+                raise ValueError(
+                    f"study.tune: {key!r} must be <objective>.<field> for a non-GRPO objective "
+                    f"(grpo.* settings are shared by every objective, so tuning them is not per objective)"
+                )
+            if section not in self.objectives:
+                raise ValueError(f"study.tune: {key!r} tunes {section}, which is not among the study's objectives")
+            sizes.setdefault(len(self.tune[key]), []).append(key)
+        tuned = [key.split(".", 1)[0] for key in self.tune]
+        if len(set(tuned)) != len(tuned):
+            raise ValueError(f"study.tune: tune one main coefficient per objective, got {sorted(self.tune)}")
+        if len(sizes) > 1:
+            raise ValueError(
+                "study.tune: every tuned objective must get the same budget (number of grid values); got "
+                + "; ".join(f"{n} for {', '.join(keys)}" for n, keys in sorted(sizes.items()))
+            )
+        if self.tune:
+            if not self.validation_seeds:
+                raise ValueError("study.validation_seeds must not be empty when tuning")
+            overlap = sorted(set(self.validation_seeds) & set(self.seeds))
+            if overlap:
+                raise ValueError(f"study.validation_seeds must be disjoint from the study seeds; both have {overlap}")
+        if self.baseline not in self.objectives:
+            raise ValueError(f"study.baseline {self.baseline!r} must be one of the study's objectives {self.objectives}")
+
+    @property
+    def tuned_objectives(self) -> dict[str, str]:
+        """objective -> its tuned key."""
+        return {key.split(".", 1)[0]: key for key in self.tune}
+
+
+def _grid_values(key: str, values: Any) -> list[Any]:
+    if isinstance(values, str):
+        values = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    if not values:
+        raise ValueError(f"study.tune: {key!r} has no values")
+    if len(set(map(repr, values))) != len(values):
+        raise ValueError(f"study.tune: {key!r} has duplicate values {list(values)}")
+    return list(values)
+
+
+def preset_path(name: str) -> Path:
+    """``configs/study-<name>.yaml`` of the current directory or of the latentx checkout."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = root / "configs" / f"study-{name}.yaml"
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"preset {name!r}: configs/study-{name}.yaml not found here or in the latentx checkout; "
+        "pass the file with --config"
+    )
+
+
+def load_study_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple["TrainConfig", StudyConfig]:
+    """The base train config and the study settings from a study YAML (or the defaults) plus
+    ``section.field=value`` overrides (``study.*`` ones go to the study section)."""
+    from latentx.trainer import TrainConfig
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = merge_overrides(data, overrides)
+    study_data = data.pop("study", None) or {}
+    where = f"{path}: " if path is not None else ""
+    try:
+        study = from_dict(StudyConfig, study_data, prefix="study")
+        base = from_dict(TrainConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+    return base, study
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation with per-problem counts
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate_policy(model, tokenizer, task, cfg: "TrainConfig") -> dict[str, Any]:
+    """The trainer's held-out evaluation (same instances, seeds and numbers as ``Trainer.evaluate``)
+    plus ``correct_counts`` and ``distinct_correct_counts`` per problem and the greedy correctness."""
+    import numpy as np
+    import torch
+
+    from latentx.metrics import pass_at_k
+    from latentx.rollout import sample_responses
+
+    ec, rc = cfg.eval, cfg.rollout
+    start = time.perf_counter()
+    instances = task.eval_instances(ec.instances, seed=ec.seed)
+    prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
+    model.eval()
+    state = torch.get_rng_state()
+    torch.manual_seed(ec.seed)
+    greedy = sample_responses(model, tokenizer, prompts, 1, rc.max_new_tokens, temperature=0.0,
+                              generation_batch_size=rc.generation_batch_size)
+    sampled = sample_responses(model, tokenizer, prompts, ec.n, rc.max_new_tokens, temperature=ec.temperature,
+                               top_p=rc.top_p, generation_batch_size=rc.generation_batch_size)
+    torch.set_rng_state(state)
+    greedy_correct = [bool(task.is_correct(inst, text)) for inst, text in zip(instances, greedy.texts)]
+    counts, distinct = [], []
+    for i, inst in enumerate(instances):
+        texts = sampled.texts[i * ec.n:(i + 1) * ec.n]
+        right = [text for text in texts if task.is_correct(inst, text)]
+        counts.append(len(right))
+        distinct.append(len({text.strip() for text in right}))
+    return {
+        "instances": len(instances),
+        "n": ec.n,
+        "seed": ec.seed,
+        "mean@1_greedy": float(np.mean(greedy_correct)),
+        f"mean@{ec.n}": float(np.mean(counts)) / ec.n,
+        "pass@k": {str(k): float(np.mean([pass_at_k(ec.n, c, k) for c in counts])) for k in ec.ks},
+        "distinct_correct_per_problem": float(np.mean(distinct)),
+        "correct_counts": counts,
+        "distinct_correct_counts": distinct,
+        "greedy_correct": greedy_correct,
+        "time_s": time.perf_counter() - start,
+    }
+
+
+def metric_value(ev: dict[str, Any], name: str) -> float:
+    """``mean@1_greedy``, ``mean@<n>``, ``pass@<k>`` (any k ≤ n, from the counts) or
+    ``distinct_correct_per_problem`` of an evaluation."""
+    from latentx.stats import pass_at_k_curve
+
+    if name.startswith("pass@"):
+        k = int(name.split("@", 1)[1])
+        if not 1 <= k <= ev["n"]:
+            raise StudyError(f"metric {name}: k must lie in [1, eval.n={ev['n']}]")
+        return float(pass_at_k_curve(ev["correct_counts"], ev["n"], [k])[0])
+    if name not in ev:
+        known = ["mean@1_greedy", f"mean@{ev['n']}", "pass@<k>", "distinct_correct_per_problem"]
+        raise StudyError(f"unknown metric {name!r}; known: {', '.join(known)}")
+    return float(ev[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the jobs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run (resolved config) to bring to ``summary.json`` + ``study_eval.json``."""
+
+    label: str
+    cfg: Any  # TrainConfig, resolved
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").is_file() and (self.run_dir / EVAL_FILE).is_file()
+
+    def steps_done(self) -> int:
+        path = self.run_dir / "metrics.jsonl"
+        if self.done():
+            return self.cfg.steps
+        try:
+            return min(self.cfg.steps, sum(1 for line in path.read_text().splitlines() if line.strip()))
+        except OSError:
+            return 0
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _execute(job: Job) -> dict[str, Any]:
+    """Train (or resume) one run, then evaluate it; errors are returned with the traceback in error.log."""
+    from latentx.trainer import Trainer
+
+    run_dir = job.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "train.log"
+
+    def log(message: str) -> None:
+        with open(log_path, "a") as fh:
+            fh.write(message + "\n")
+
+    start = time.perf_counter()
+    try:
+        trainer = None
+        if not (run_dir / "summary.json").is_file():
+            trainer = Trainer(job.cfg, progress=False, log=log)
+            trainer.run()
+        if not (run_dir / EVAL_FILE).is_file():
+            if trainer is None:  # trained earlier: the latest checkpoint is the final policy
+                trainer = Trainer(job.cfg, progress=False, log=log)
+            result = evaluate_policy(trainer.model, trainer.tokenizer, trainer.task, job.cfg)
+            atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=1))
+    except Exception:  # noqa: BLE001 - one failed run must not take the others down
+        text = traceback.format_exc()
+        atomic_write_text(run_dir / "error.log", text)
+        return {"label": job.label, "error": text.strip().splitlines()[-1], "log": str(run_dir / "error.log")}
+    return {"label": job.label, "error": None, "seconds": time.perf_counter() - start}
+
+
+def _check_same_config(job: Job) -> None:
+    """Refuse to resume a run directory that was made with different settings."""
+    path = job.run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old, new = yaml.safe_load(path.read_text()) or {}, to_dict(job.cfg)
+    if old != new:
+        field_name = _first_difference(old, new)
+        raise StudyError(
+            f"{job.run_dir} was made with a different config ({field_name}); "
+            "use another --out or delete that run directory"
+        )
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(new) + [k for k in old if k not in new]:
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+    return f"{prefix or 'config'}: {old!r} then, {new!r} now"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def run_jobs(jobs: list[Job], workers: int, title: str, progress: bool = True) -> list[dict[str, Any]]:
+    """Bring every job to done: skipped when done, else run in ``workers`` spawned processes (in this
+    process when 1).  Returns one outcome per job that ran; raises :class:`StudyError` if any failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    for job in jobs:
+        _check_same_config(job)
+    pending = [job for job in jobs if not job.done()]
+    outcomes: list[dict[str, Any]] = []
+    if not pending:
+        return outcomes
+    workers = max(1, min(workers or available_cores(), len(pending)))
+    total = sum(job.cfg.steps + 1 for job in jobs)  # +1: the evaluation
+
+    def completed() -> int:
+        return sum(job.steps_done() + int(job.done()) for job in jobs)
+
+    columns = [TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task(title, total=total, completed=completed(), info="")
+        info = lambda: f"runs {sum(j.done() for j in jobs)}/{len(jobs)}, {workers} worker(s)"  # noqa: E731
+        bar.update(task, info=info())
+        if workers == 1:
+            for job in pending:
+                outcomes.append(_execute(job))
+                bar.update(task, completed=completed(), info=info())
+        else:
+            context = multiprocessing.get_context("spawn")
+            with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                             initargs=(1,)) as pool:
+                running = {pool.submit(_execute, job): job for job in pending}
+                try:
+                    while running:
+                        finished, _ = futures.wait(running, timeout=2.0, return_when=futures.FIRST_COMPLETED)
+                        for future in finished:
+                            job = running.pop(future)
+                            try:
+                                outcomes.append(future.result())
+                            except Exception as err:  # noqa: BLE001 - a worker died (e.g. killed for memory)
+                                outcomes.append({"label": job.label, "error": f"worker died: {err!r}", "log": ""})
+                        bar.update(task, completed=completed(), info=info())
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    failed = [o for o in outcomes if o["error"]]
+    if failed:
+        lines = "\n".join(f"  {o['label']}: {o['error']} ({o['log']})" for o in failed)
+        raise StudyError(f"{len(failed)} of {len(pending)} runs failed; finished runs are kept, rerun to resume:\n{lines}")
+    return outcomes
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+# ------------------------------------------------------------------------------------------------
+
+
+def _run_config(base: "TrainConfig", objective: str, seed: int, out: Path, extra: list[str] = ()) -> "TrainConfig":
+    from latentx.config import apply_overrides
+    from latentx.trainer import resolve_config
+
+    cfg = apply_overrides(base, [f"objective={objective}", f"seed={seed}", f"out={out}", *extra])
+    cfg.eval = replace(cfg.eval, enabled=False)  # the study evaluates each run itself (see the module doc)
+    return resolve_config(cfg)
+
+
+def prepare(base: "TrainConfig", out: Path, progress: bool = True) -> dict[str, Any]:
+    """Warm-start once (cached for every worker) and evaluate the starting policy once."""
+    from latentx.trainer import Trainer
+
+    path = out / "start" / "eval.json"
+    cfg = _run_config(base, "grpo", base.seed, out / "start")
+    trainer = Trainer(cfg, progress=progress, log=lambda message: None)  # loads + warm-starts (cached)
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = evaluate_policy(trainer.model, trainer.tokenizer, trainer.task, cfg)
+    result["warm_start"] = {k: v for k, v in trainer.warm_info.items() if k in ("key", "steps", "final_loss", "cache_path")}
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return result
+
+
+def _tune_value_dir(key: str, value: Any) -> str:
+    return f"{key.split('.', 1)[1]}={value}"
+
+
+def tune(base: "TrainConfig", study: StudyConfig, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Run each tuned objective's grid on the validation seeds and pick the best value per objective."""
+    extra = [f"eval.seed={base.eval.seed + 1}", *study.validation_overrides]
+    jobs: list[tuple[str, Any, int, Job]] = []
+    for objective, key in study.tuned_objectives.items():
+        for value in study.tune[key]:
+            for seed in study.validation_seeds:
+                run_dir = out / "tune" / objective / _tune_value_dir(key, value) / f"s{seed}"
+                cfg = _run_config(base, objective, seed, run_dir, [*extra, f"{key}={value}"])
+                jobs.append((objective, value, seed, Job(f"tune {objective} {key}={value} s{seed}", cfg)))
+    run_jobs([job for *_, job in jobs], study.workers, "tuning", progress)
+    grid: dict[str, list[dict[str, Any]]] = {}
+    for objective, value, seed, job in jobs:
+        ev = json.loads((job.run_dir / EVAL_FILE).read_text())
+        entries = grid.setdefault(objective, [])
+        entry = next((e for e in entries if e["value"] == value), None)
+        if entry is None:
+            entry = {"value": value, "scores": {}}
+            entries.append(entry)
+        entry["scores"][str(seed)] = metric_value(ev, study.tune_metric)
+    choice: dict[str, Any] = {"metric": study.tune_metric, "validation_seeds": study.validation_seeds,
+                              "validation_overrides": extra, "objectives": {}}
+    for objective, key in study.tuned_objectives.items():
+        entries = grid[objective]
+        for entry in entries:
+            entry["mean"] = sum(entry["scores"].values()) / len(entry["scores"])
+        best = max(entries, key=lambda e: e["mean"])  # max keeps the first of equal means: the earlier value
+        choice["objectives"][objective] = {"key": key, "value": best["value"], "grid": entries,
+                                           "runs": len(entries) * len(study.validation_seeds)}
+    atomic_write_text(out / "tune" / "choice.json", json.dumps(choice, indent=1, default=str))
+    return choice
+
+
+def run_study(base: "TrainConfig", study: StudyConfig, out: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    """Prepare, tune (if asked), run every objective × seed, aggregate, plot and write ``report.md``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    atomic_write_text(out / "study.yaml", yaml.safe_dump({**to_dict(base), "study": to_dict(study)}, sort_keys=False))
+    start_eval = prepare(base, out, progress)
+    choice = tune(base, study, out, progress) if study.tune else None
+    jobs: dict[tuple[str, int], Job] = {}
+    for objective in study.objectives:
+        extra = []
+        if choice and objective in choice["objectives"]:
+            chosen = choice["objectives"][objective]
+            extra.append(f"{chosen['key']}={chosen['value']}")
+        for seed in study.seeds:
+            cfg = _run_config(base, objective, seed, out / "runs" / objective / f"s{seed}", extra)
+            jobs[objective, seed] = Job(f"{objective} s{seed}", cfg)
+    outcomes = run_jobs(list(jobs.values()), study.workers, "study", progress)
+    results = aggregate(base, study, jobs, start_eval, choice)
+    results["wall_time_s"] = time.perf_counter() - started
+    results["runs_this_invocation"] = len(outcomes)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    plots = write_plots(results, out / "plots")
+    write_report(results, out, plots)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation
+# ------------------------------------------------------------------------------------------------
+
+
+def headline_metrics(n: int) -> list[tuple[str, str]]:
+    """(key, label) of the final metrics in the main table."""
+    ks = sorted({min(8, n), n})
+    return ([("mean@1_greedy", "Mean@1 (greedy)"), (f"mean@{n}", f"Mean@{n}")]
+            + [(f"pass@{k}", f"Pass@{k}") for k in ks if k > 1]
+            + [("distinct_correct_per_problem", "distinct correct / problem")])
+
+
+def _interval_dict(values: list[float], level: float) -> dict[str, float]:
+    from latentx.stats import t_interval
+
+    ci = t_interval(values, level)
+    return {"mean": ci.mean, "low": ci.low, "high": ci.high, "std": ci.std, "n": ci.n}
+
+
+def _smooth(values: list[float], width: int) -> list[float]:
+    out, window = [], []
+    for v in values:
+        window.append(v)
+        if len(window) > width:
+            window.pop(0)
+        out.append(sum(window) / len(window))
+    return out
+
+
+def aggregate(base: "TrainConfig", study: StudyConfig, jobs: dict[tuple[str, int], Job],
+              start_eval: dict[str, Any], choice: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything the report states, as plain JSON-able numbers."""
+    import numpy as np
+
+    from latentx.stats import holm, paired_test, pass_at_k_curve
+    from latentx.trainer import read_metrics
+
+    n, level = base.eval.n, study.level
+    headline = headline_metrics(n)
+    per_run: dict[str, dict[int, dict[str, Any]]] = {}
+    for (objective, seed), job in jobs.items():
+        ev = json.loads((job.run_dir / EVAL_FILE).read_text())
+        rows = read_metrics(job.run_dir)
+        record = {key: metric_value(ev, key) for key, _ in headline}
+        record["pass_curve"] = pass_at_k_curve(ev["correct_counts"], ev["n"]).tolist()
+        record["train_time_s"] = float(sum(r.get("time_step", 0.0) for r in rows))
+        record["eval_time_s"] = float(ev.get("time_s", 0.0))
+        tail = max(1, len(rows) // 10)
+        for key, _ in SIGNALS:
+            series = [float(r[key]) for r in rows if key in r]
+            if series:
+                record[f"{key}_series"] = series
+                record[f"{key}_final"] = float(np.mean(series[-tail:]))
+        per_run.setdefault(objective, {})[seed] = record
+
+    summary: dict[str, dict[str, Any]] = {}
+    width = max(1, base.steps // 15)
+    for objective, runs in per_run.items():
+        seeds = sorted(runs)
+        entry: dict[str, Any] = {key: _interval_dict([runs[s][key] for s in seeds], level) for key, _ in headline}
+        curves = np.array([runs[s]["pass_curve"] for s in seeds])
+        entry["pass_curve"] = {k: [] for k in ("mean", "low", "high")}
+        for column in curves.T:
+            ci = _interval_dict(column.tolist(), level)
+            for k in ("mean", "low", "high"):
+                entry["pass_curve"][k].append(ci[k])
+        for key, _ in SIGNALS:
+            if all(f"{key}_series" in runs[s] for s in seeds):
+                entry[f"{key}_final"] = _interval_dict([runs[s][f"{key}_final"] for s in seeds], level)
+                length = min(len(runs[s][f"{key}_series"]) for s in seeds)
+                series = np.array([_smooth(runs[s][f"{key}_series"][:length], width) for s in seeds])
+                band = [_interval_dict(col.tolist(), level) for col in series.T]
+                entry[f"{key}_trajectory"] = {k: [b[k] for b in band] for k in ("mean", "low", "high")}
+        entry["seeds"] = seeds
+        summary[objective] = entry
+
+    comparisons = []
+    baseline = per_run.get(study.baseline, {})
+    for objective in study.objectives:
+        if objective == study.baseline:
+            continue
+        seeds = sorted(set(per_run[objective]) & set(baseline))
+        for key, label in headline + [(f"{k}_final", f"final {lbl}") for k, lbl in SIGNALS]:
+            if not seeds or any(key not in per_run[objective][s] or key not in baseline[s] for s in seeds):
+                continue
+            test = paired_test([per_run[objective][s][key] for s in seeds], [baseline[s][key] for s in seeds], level)
+            comparisons.append({
+                "objective": objective, "metric": key, "label": label, "n": test.n, "headline": not key.endswith("_final"),
+                "diff": test.diff.mean, "low": test.diff.low, "high": test.diff.high, "t_stat": test.t_stat,
+                "t_p": test.t_p, "wilcoxon_p": test.wilcoxon_p, "wilcoxon_min_p": test.wilcoxon_min_p,
+            })
+    family = [c for c in comparisons if c["headline"]]
+    for c, adjusted in zip(family, holm([c["t_p"] for c in family])):
+        c["holm_p"] = adjusted
+    for c in comparisons:
+        c["significant"] = bool(c["t_p"] < study.alpha)
+        c["significant_holm"] = bool(c.get("holm_p", math.nan) < study.alpha)
+
+    start = {key: metric_value(start_eval, key) for key, _ in headline}
+    start["pass_curve"] = pass_at_k_curve(start_eval["correct_counts"], start_eval["n"]).tolist()
+    return {
+        "settings": {
+            "task": base.task.name, "model": base.model.name, "steps": base.steps, "n": n,
+            "instances": base.eval.instances, "eval_temperature": base.eval.temperature, "eval_seed": base.eval.seed,
+            "ks": list(base.eval.ks), "objectives": study.objectives, "seeds": study.seeds, "level": level,
+            "alpha": study.alpha, "baseline": study.baseline, "smoothing_window": width,
+            "rollout": to_dict(base.rollout), "lr": base.optim.lr,
+        },
+        "headline": headline,
+        "start": start,
+        "summary": summary,
+        "comparisons": comparisons,
+        "runs": {obj: {str(s): {k: v for k, v in r.items() if not k.endswith("_series")} for s, r in runs.items()}
+                 for obj, runs in per_run.items()},
+        "tuning": choice,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------
+
+
+def _color(objective: str) -> str:
+    from latentx.trainer import OBJECTIVES
+
+    return "0.25" if objective == "grpo" else f"C{OBJECTIVES.index(objective) - 1}"
+
+
+def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Pass@k curves, training signals, final metrics (and the tuning grid): PNG files by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary, settings = results["summary"], results["settings"]
+    level = f"{round(settings['level'] * 100)} % CI"
+    written: dict[str, Path] = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written[name] = out_dir / name
+
+    # Pass@k for every k = 1..n
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ks = list(range(1, settings["n"] + 1))
+    ax.plot(ks, results["start"]["pass_curve"], color="0.6", ls="--", lw=1.2, label="starting policy")
+    for objective, entry in summary.items():
+        curve = entry["pass_curve"]
+        ax.plot(ks, curve["mean"], color=_color(objective), lw=1.8, label=objective)
+        if len(entry["seeds"]) > 1:
+            ax.fill_between(ks, curve["low"], curve["high"], color=_color(objective), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("Pass@k (held out)")
+    ax.set_title(f"Pass@k, mean over seeds with {level}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "pass_at_k.png")
+
+    # Training signals over steps
+    present = [(key, label) for key, label in SIGNALS if any(f"{key}_trajectory" in e for e in summary.values())]
+    if present:
+        fig, axes = plt.subplots(1, len(present), figsize=(3.8 * len(present), 3.3), squeeze=False)
+        for ax, (key, label) in zip(axes[0], present):
+            for objective, entry in summary.items():
+                band = entry.get(f"{key}_trajectory")
+                if band is None:
+                    continue
+                steps = list(range(1, len(band["mean"]) + 1))
+                ax.plot(steps, band["mean"], color=_color(objective), lw=1.6, label=objective)
+                if len(entry["seeds"]) > 1:
+                    ax.fill_between(steps, band["low"], band["high"], color=_color(objective), alpha=0.15)
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"Rollout signals (moving average over {settings['smoothing_window']} steps), "
+                     f"mean over seeds with {level}", fontsize=10)
+        save(fig, "signals.png")
+
+    # Final metrics: bars with CI error bars
+    import numpy as np
+
+    accuracy = [(k, lbl) for k, lbl in results["headline"] if k != "distinct_correct_per_problem"]
+    objectives = list(summary)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / max(1, len(objectives))
+    for j, objective in enumerate(objectives):
+        for ax, metrics in ((left, accuracy), (right, [("distinct_correct_per_problem", "")])):
+            xs = np.arange(len(metrics)) + (j - (len(objectives) - 1) / 2) * width
+            means = [summary[objective][k]["mean"] for k, _ in metrics]
+            errors = [0.0 if math.isnan(summary[objective][k]["low"]) else (summary[objective][k]["high"] - summary[objective][k]["low"]) / 2
+                      for k, _ in metrics]
+            ax.bar(xs, means, width, yerr=errors, capsize=3, color=_color(objective), label=objective)
+    for i, (key, _) in enumerate(accuracy):
+        left.hlines(results["start"][key], i - 0.4, i + 0.4, colors="0.5", linestyles="--", lw=1,
+                    label="starting policy" if i == 0 else None)
+    right.hlines(results["start"]["distinct_correct_per_problem"], -0.4, 0.4, colors="0.5", linestyles="--", lw=1)
+    left.set_xticks(range(len(accuracy)), [lbl for _, lbl in accuracy])
+    left.set_ylabel("held-out score")
+    left.legend(fontsize=7)
+    right.set_xticks([0], ["distinct correct\nper problem"])
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"Final metrics, mean over seeds with {level}", fontsize=10)
+    save(fig, "final_metrics.png")
+
+    tuning = results.get("tuning")
+    if tuning:
+        tuned = tuning["objectives"]
+        fig, axes = plt.subplots(1, len(tuned), figsize=(3.8 * len(tuned), 3.2), squeeze=False)
+        for ax, (objective, entry) in zip(axes[0], tuned.items()):
+            labels = [str(e["value"]) for e in entry["grid"]]
+            ax.plot(range(len(labels)), [e["mean"] for e in entry["grid"]], "o-", color=_color(objective), label="mean")
+            for i, e in enumerate(entry["grid"]):
+                ax.plot([i] * len(e["scores"]), list(e["scores"].values()), "x", color="0.4", ms=5)
+            chosen = labels.index(str(entry["value"]))
+            ax.axvline(chosen, color="0.6", ls=":", lw=1)
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlabel(entry["key"])
+            ax.set_title(f"{objective}: validation {tuning['metric']}", fontsize=9)
+            ax.grid(alpha=0.3)
+        save(fig, "tuning.png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _fmt_ci(entry: dict[str, float], digits: int = 3) -> str:
+    if math.isnan(entry["low"]):
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {(entry['high'] - entry['low']) / 2:.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _fmt_signed(value: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.{digits}f}"
+
+
+def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> Path:
+    """``report.md``: settings, tables with confidence intervals, significance against the baseline."""
+    s, summary = results["settings"], results["summary"]
+    level = round(s["level"] * 100)
+    seeds = s["seeds"]
+    headline = results["headline"]
+    baseline = s["baseline"]
+    lines = [
+        f"# Study: {', '.join(s['objectives'])} on {s['task']}",
+        "",
+        f"Model `{s['model']}`, {s['steps']} RL steps per run, seeds {', '.join(map(str, seeds))} "
+        f"(the same warm start and data for every objective). Held-out evaluation: {s['instances']} instances, "
+        f"Mean@1 greedy and {s['n']} samples per problem at temperature {s['eval_temperature']} "
+        f"(Pass@k for k = 1..{s['n']} from per-problem correct counts). "
+        f"Numbers are mean ± half-width of the {level} % t confidence interval over {len(seeds)} seeds.",
+        "",
+        f"Wall time of this invocation: {results['wall_time_s'] / 60:.1f} min "
+        f"({results['runs_this_invocation']} runs trained or evaluated; finished runs are skipped on rerun).",
+        "",
+        "## Final held-out metrics",
+        "",
+        "| objective | " + " | ".join(label for _, label in headline) + " |",
+        "|---" * (len(headline) + 1) + "|",
+        "| starting policy | " + " | ".join(f"{results['start'][key]:.3f}" for key, _ in headline) + " |",
+    ]
+    for objective, entry in summary.items():
+        lines.append(f"| {objective} | " + " | ".join(_fmt_ci(entry[key]) for key, _ in headline) + " |")
+    ks = [k for k in s["ks"] if k <= s["n"]]
+    lines += ["", "Pass@k at selected k (the full curve is in `plots/pass_at_k.png` and `results.json`):", "",
+              "| objective | " + " | ".join(f"Pass@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|",
+              "| starting policy | " + " | ".join(f"{results['start']['pass_curve'][k - 1]:.3f}" for k in ks) + " |"]
+    for objective, entry in summary.items():
+        curve = entry["pass_curve"]
+        cells = [_fmt_ci({key: curve[key][k - 1] for key in ("mean", "low", "high")}) for k in ks]
+        lines.append(f"| {objective} | " + " | ".join(cells) + " |")
+
+    comparisons = results["comparisons"]
+    if comparisons:
+        n_pairs = min(c["n"] for c in comparisons)
+        lines += [
+            "", f"## Differences against {baseline} (paired by seed)", "",
+            f"Difference = objective − {baseline} on the same seed, with its {level} % t interval. "
+            f"p-values are two-sided: paired t-test, Wilcoxon signed-rank (exact), and the paired t-test's "
+            f"p Holm-adjusted over the {sum(c['headline'] for c in comparisons)} final-metric comparisons. "
+            f"Significant means p < {s['alpha']} by the paired t-test.",
+            "",
+            "| objective | metric | difference | paired t p | Wilcoxon p | Holm p | significant? |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            if not c["headline"]:
+                continue
+            ci = "" if math.isnan(c["low"]) else f" [{c['low']:+.3f}, {c['high']:+.3f}]"
+            verdict = ("yes" + ("" if c["significant_holm"] else " (not after Holm)")) if c["significant"] else "no"
+            lines.append(f"| {c['objective']} | {c['label']} | {_fmt_signed(c['diff'])}{ci} | {_fmt_p(c['t_p'])} | "
+                         f"{_fmt_p(c['wilcoxon_p'])} | {_fmt_p(c.get('holm_p', math.nan))} | {verdict} |")
+        significant = [c for c in comparisons if c["headline"] and c["significant"]]
+        lines += ["", "**In words.** "
+                  + (("Significant at p < %s (paired t): " % s["alpha"]
+                      + "; ".join(f"{c['objective']} {c['label']} {_fmt_signed(c['diff'])} (p = {_fmt_p(c['t_p'])}"
+                                  + ("" if c["significant_holm"] else ", not significant after Holm") + ")"
+                                  for c in significant) + ". ") if significant
+                     else f"No difference against {baseline} is significant at p < {s['alpha']}. ")
+                  + "Every other difference in the table is not significant: it is within what seed-to-seed "
+                  "variation explains."]
+        lines += ["", f"**Power.** With {n_pairs} paired seeds the paired t-test has {n_pairs - 1} degrees of "
+                  f"freedom and the exact Wilcoxon test cannot give p below {2 / 2 ** n_pairs:.3g}"
+                  + (", so it can never reach significance here" if 2 / 2 ** n_pairs >= s["alpha"] else "")
+                  + ". These tests have low power: a non-significant difference is not evidence that the "
+                  "objectives are equal, only that this study cannot tell them apart."]
+
+    signal_rows = [(key, label) for key, label in SIGNALS if any(f"{key}_final" in e for e in summary.values())]
+    if signal_rows:
+        lines += ["", "## Training signals", "",
+                  f"Mean over the last 10 % of steps of each run, then over seeds ({level} % CI); "
+                  f"the trajectories are in `plots/signals.png`. Differences against {baseline}: paired t p in brackets.", "",
+                  "| objective | " + " | ".join(label for _, label in signal_rows) + " |",
+                  "|---" * (len(signal_rows) + 1) + "|"]
+        by_key = {(c["objective"], c["metric"]): c for c in comparisons}
+        for objective, entry in summary.items():
+            cells = []
+            for key, _ in signal_rows:
+                if f"{key}_final" not in entry:
+                    cells.append("-")
+                    continue
+                c = by_key.get((objective, f"{key}_final"))
+                cells.append(_fmt_ci(entry[f"{key}_final"]) + (f" (p = {_fmt_p(c['t_p'])})" if c else ""))
+            lines.append(f"| {objective} | " + " | ".join(cells) + " |")
+
+    tuning = results.get("tuning")
+    lines += ["", "## Tuning", ""]
+    if tuning:
+        tuned = tuning["objectives"]
+        untuned = [o for o in s["objectives"] if o not in tuned]
+        budget = next(iter(tuned.values()))["runs"]
+        lines += [
+            f"Each tuned objective's main coefficient was chosen on validation seeds "
+            f"{', '.join(map(str, tuning['validation_seeds']))} (disjoint from the study seeds), with the same "
+            f"budget for each: {budget} runs ({len(next(iter(tuned.values()))['grid'])} values × "
+            f"{len(tuning['validation_seeds'])} seeds), by the mean validation `{tuning['metric']}` "
+            f"(validation settings: {', '.join(f'`{o}`' for o in tuning['validation_overrides'])}; ties go to "
+            "the earlier grid value).",
+            "",
+            "| objective | parameter | values (mean validation score) | chosen |",
+            "|---|---|---|---|",
+        ]
+        for objective, entry in tuned.items():
+            values = ", ".join(f"{e['value']} ({e['mean']:.3f})" for e in entry["grid"])
+            lines.append(f"| {objective} | `{entry['key']}` | {values} | {entry['value']} |")
+        if untuned:
+            lines += ["", f"Not tuned (defaults of the base config): {', '.join(untuned)}"
+                      + (f" ({baseline} has no exploration coefficient)" if baseline in untuned else "") + "."]
+    else:
+        lines += ["No tuning: every objective ran with the coefficients of the base config."]
+
+    lines += ["", "## Plots", ""]
+    captions = {"pass_at_k.png": "Pass@k curves", "signals.png": "Training signals",
+                "final_metrics.png": "Final metrics", "tuning.png": "Tuning grid"}
+    for name in plots:
+        lines += [f"![{captions.get(name, name)}](plots/{name})", ""]
+    train_time = sum(r["train_time_s"] for runs in results["runs"].values() for r in runs.values())
+    lines += ["## Cost", "",
+              f"Training time summed over runs: {train_time / 60:.1f} min (per-step timings from `metrics.jsonl`); "
+              f"{len(s['objectives'])} objectives × {len(seeds)} seeds.", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def _parse_seeds(text: str, option: str) -> str:
+    """``"5"`` -> ``"5"`` (a count), ``"0,1,2"`` -> ``"[0, 1, 2]"`` (a list), as YAML for an override."""
+    try:
+        items = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be a count (5) or a comma list of integers (0,1,2); got {text!r}") from None
+    if not items:
+        raise ConfigError(f"{option} is empty")
+    return str(items[0]) if "," not in text else str(items)
+
+
+def study_command(
+    objectives: Optional[str] = typer.Option(None, help="comma list, e.g. grpo,relax,verl,entropy_bonus,kl_cov"),
+    seeds: Optional[str] = typer.Option(None, help="a count N (seeds 0..N-1) or a comma list of seeds"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="study YAML: train sections + a study: section"),
+    preset: Optional[str] = typer.Option(None, help="cpu | gpu-math (configs/study-<preset>.yaml)"),
+    workers: Optional[int] = typer.Option(None, help="parallel runs (default: one per available core)"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: --set steps=20, --set study.alpha=0.1"),
+    tune: list[str] = typer.Option([], "--tune", help="grid for one objective's coefficient: relax.alpha=0.05,0.1,0.2"),
+    validation_seeds: Optional[str] = typer.Option(None, help="seeds for tuning runs, disjoint from --seeds"),
+    no_tune: bool = typer.Option(False, "--no-tune", help="ignore the config's tuning grid"),
+    out: Path = typer.Option(Path("study"), help="study directory (reruns resume it)"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Every objective × every seed from one warm start; mean ± 95 % CI, paired tests against GRPO, plots."""
+    try:
+        if config is not None and preset is not None:
+            raise ConfigError("give --config or --preset, not both")
+        path = preset_path(preset) if preset is not None else config
+        overrides = list(set_)
+        if objectives is not None:
+            overrides.append(f"study.objectives={objectives}")
+        if seeds is not None:
+            overrides.append(f"study.seeds={_parse_seeds(seeds, '--seeds')}")
+        if workers is not None:
+            overrides.append(f"study.workers={workers}")
+        if validation_seeds is not None:
+            parsed = _parse_seeds(validation_seeds, "--validation-seeds")
+            overrides.append(f"study.validation_seeds={parsed if parsed.startswith('[') else f'[{parsed}]'}")
+        base, study = load_study_config(path, overrides)
+        grid = {} if no_tune else dict(study.tune)
+        for text in tune:
+            if "=" not in text:
+                raise ConfigError(f"--tune {text!r} must look like relax.alpha=0.05,0.1,0.2")
+            key, values = text.split("=", 1)
+            grid[key.strip()] = values
+        study = from_dict(StudyConfig, {**to_dict(study), "tune": grid}, prefix="study")
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if base.eval.n < 64:
+        typer.secho(f"note: eval.n = {base.eval.n}: the Pass@k curve stops at k = {base.eval.n} (the presets use 64)",
+                    fg=typer.colors.YELLOW, err=True)
+    try:
+        results = run_study(base, study, out, progress=not quiet)
+    except StudyError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"study directory: {out}  (wall time {results['wall_time_s'] / 60:.1f} min)")

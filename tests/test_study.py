@@ -1,0 +1,154 @@
+"""``latentx study`` end to end on a tiny config: runs, tuning, report, plots, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from latentx.cli import app
+from latentx.config import ConfigError
+from latentx.study import StudyConfig, evaluate_policy, load_study_config, run_study
+from latentx.tasks import FunctionTask, register_task
+from latentx.trainer import Trainer, resolve_config
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    """One torch thread (tiny forwards gain nothing from more) and no per-run training-curve PNGs
+    (the trainer's own plots, not the study's)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(Trainer, "plot", lambda self: [])
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digit_reward(inst, response: str) -> float:
+    """Correct when the response holds a digit: a random tiny policy solves some problems, not all."""
+    return float(any(ch.isdigit() for ch in response))
+
+
+def _make(rng):
+    a, b = rng.randint(1, 40), rng.randint(1, 40)
+    return f"{a} {b}>", str(a + b)
+
+
+register_task(
+    "test_study_digits",
+    lambda **options: FunctionTask("test_study_digits", reward_fn=_digit_reward, generate=_make, **options),
+    overwrite=True,
+)
+
+TINY = [
+    "steps=1", "task.name=test_study_digits", "task.train_size=32", "warm_start.enabled=false",
+    "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6",
+    "rollout.micro_batch_size=8", "checkpoint_every=1", "relax.fit_batch_size=4",
+    "eval.instances=4", "eval.n=4", "eval.ks=1,2,4", "study.workers=1",
+]
+
+
+def test_study_runs_reports_and_resumes(tmp_path):
+    base, study = load_study_config(None, TINY + ["study.objectives=grpo,verl", "study.seeds=2"])
+    assert study.seeds == [0, 1]
+    out = tmp_path / "study"
+    results = run_study(base, study, out, progress=False)
+
+    for objective in ("grpo", "verl"):
+        for seed in (0, 1):
+            run = out / "runs" / objective / f"s{seed}"
+            assert (run / "summary.json").is_file() and (run / "study_eval.json").is_file()
+            ev = json.loads((run / "study_eval.json").read_text())
+            assert len(ev["correct_counts"]) == 4 and all(0 <= c <= 4 for c in ev["correct_counts"])
+            assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    for name in ("pass_at_k.png", "signals.png", "final_metrics.png"):
+        assert (out / "plots" / name).stat().st_size > 1000, name
+    report = (out / "report.md").read_text()
+    assert "| grpo |" in report and "| verl |" in report and "| starting policy |" in report
+    assert "Differences against grpo" in report and "low power" in report
+    assert "Pass@4" in report and "paired t p" in report
+    summary = results["summary"]["verl"]
+    assert summary["seeds"] == [0, 1] and len(summary["pass_curve"]["mean"]) == 4
+    assert summary["mean@1_greedy"]["n"] == 2
+    assert {"entropy_mean_trajectory", "er_mean_trajectory", "dsd_mean_trajectory"} <= set(summary)
+    assert [c["metric"] for c in results["comparisons"] if c["headline"]][:2] == ["mean@1_greedy", "mean@4"]
+    assert json.loads((out / "results.json").read_text())["settings"]["seeds"] == [0, 1]
+
+    # Resume: finished runs are skipped (their files untouched); a deleted evaluation is redone alone.
+    done = out / "runs" / "grpo" / "s0" / "summary.json"
+    stamp = done.stat().st_mtime_ns
+    (out / "runs" / "verl" / "s1" / "study_eval.json").unlink()
+    again = run_study(base, study, out, progress=False)
+    assert again["runs_this_invocation"] == 1
+    assert done.stat().st_mtime_ns == stamp
+    assert again["summary"]["verl"]["mean@4"] == results["summary"]["verl"]["mean@4"]
+    assert run_study(base, study, out, progress=False)["runs_this_invocation"] == 0
+
+    # A changed setting must not silently mix into existing run directories.
+    changed, _ = load_study_config(None, TINY + ["optim.lr=0.01"])
+    with pytest.raises(Exception, match="different config.*optim.lr"):
+        run_study(changed, study, out, progress=False)
+
+
+def test_tuning_picks_per_objective_on_validation_seeds(tmp_path):
+    base, study = load_study_config(None, TINY + [
+        "study.objectives=relax", "study.baseline=relax", "study.seeds=[0]", "study.validation_seeds=[100]",
+    ])
+    study = StudyConfig(**{**vars(study), "tune": {"relax.alpha": "0.05,0.2"}})
+    out = tmp_path / "tuned"
+    results = run_study(base, study, out, progress=False)
+    choice = json.loads((out / "tune" / "choice.json").read_text())
+    relax = choice["objectives"]["relax"]
+    assert relax["key"] == "relax.alpha" and relax["runs"] == 2
+    means = {e["value"]: e["mean"] for e in relax["grid"]}
+    assert relax["value"] == max(means, key=means.get)
+    for value in (0.05, 0.2):
+        cfg = (out / "tune" / "relax" / f"alpha={value}" / "s100" / "config.yaml").read_text()
+        assert "seed: 100" in cfg and "seed: 1235" in cfg  # validation seed and validation eval instances
+    study_cfg = (out / "runs" / "relax" / "s0" / "config.yaml").read_text()
+    assert f"alpha: {relax['value']}" in study_cfg
+    report = (out / "report.md").read_text()
+    assert "## Tuning" in report and "`relax.alpha`" in report and "same budget" in report
+    assert (out / "plots" / "tuning.png").is_file() and results["tuning"]["metric"] == "mean@1_greedy"
+
+
+def test_study_eval_matches_the_trainer_evaluation(tmp_path):
+    base, _ = load_study_config(None, TINY)
+    cfg = resolve_config(base)
+    cfg.out = str(tmp_path / "run")
+    trainer = Trainer(cfg, progress=False)
+    ours = evaluate_policy(trainer.model, trainer.tokenizer, trainer.task, cfg)
+    theirs = trainer.evaluate()
+    for key, value in theirs.items():
+        assert ours[key] == value, key
+    assert sum(ours["correct_counts"]) / (4 * 4) == pytest.approx(ours["mean@4"])
+
+
+def test_study_config_errors():
+    with pytest.raises(ConfigError, match="disjoint"):
+        load_study_config(None, ["study.seeds=[0,1]", "study.validation_seeds=[1,2]",
+                                 "study.objectives=grpo,relax", "study.tune={relax.alpha: [0.1, 0.2]}"])
+    with pytest.raises(ConfigError, match="same budget"):
+        load_study_config(None, ["study.objectives=grpo,relax,verl",
+                                 "study.tune={relax.alpha: [0.1, 0.2], verl.coef: [1, 2, 3]}"])
+    with pytest.raises(ConfigError, match="shared by every objective"):
+        load_study_config(None, ["study.tune={grpo.clip_high: [0.2, 0.3]}"])
+    with pytest.raises(ConfigError, match="not among the study's objectives"):
+        load_study_config(None, ["study.objectives=grpo,verl", "study.tune={relax.alpha: [0.1, 0.2]}"])
+    with pytest.raises(ConfigError, match="unknown objective"):
+        load_study_config(None, ["study.objectives=grpo,relaxx"])
+    with pytest.raises(ConfigError, match="baseline"):
+        load_study_config(None, ["study.objectives=relax,verl"])
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["study", "--seeds", "a,b", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "--seeds" in result.output
+    result = runner.invoke(app, ["study", "--tune", "relax.alpha", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "relax.alpha=0.05" in result.output
+    result = runner.invoke(app, ["study", "--preset", "tpu", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "cpu, gpu-math" in result.output
