@@ -250,3 +250,23 @@ def test_threads_share_the_grader_safely():
         thread.join(timeout=120)
     expected = [e for _, _, e in cases]
     assert results == [expected] * 3
+
+
+@pytest.mark.parametrize(
+    "degenerate",
+    ["\\boxed{" * 20_000, "The answer is . " * 20_000, "{" * 100_000, "\\boxed 5 " * 20_000, "#### \n" * 20_000],
+)
+def test_extraction_is_linear_on_degenerate_responses(degenerate):
+    # A collapsed policy can repeat a pattern for thousands of tokens; a quadratic scan would take minutes.
+    start = time.monotonic()
+    extract_answer(degenerate)
+    assert time.monotonic() - start < 5.0
+
+
+def test_nested_escaped_and_unclosed_boxes():
+    assert extract_answer("\\boxed {5} then text") == "5"
+    assert extract_answer("\\boxed{a\\}b}") == "a\\}b"
+    assert extract_answer("\\boxed{ \\boxed{5}") == "5"  # outer box never closes
+    assert extract_answer("} stray \\boxed{5}") == "5"
+    assert extract_answer("\\boxedfoo{3} 4") == "4"  # not a box command
+    assert extract_answer("x\n####\n5") == "5"  # an empty #### line is no answer

@@ -64,49 +64,46 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_PHRASE = re.compile(
     r"\b(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=)\s*:?\s*", flags=re.IGNORECASE
 )
-_GSM8K_MARK = re.compile(r"####\s*([^\n]*)")
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
+_GSM8K_MARK = re.compile(r"####[ \t]*([^\n]*)")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
 _PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _MAX_FAST_CHARS = 200  # longer "numbers" go to math-verify (and its time limit)
 
 
-def _matching_brace(text: str, open_index: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_index`` (None when unbalanced)."""
+_BOX_TOKENS = re.compile(r"(?P<box>\\(?:boxed|fbox)(?![A-Za-z]) *)|(?P<escaped>\\.)|(?P<brace>[{}])", re.DOTALL)
+_UNBRACED_BOX_ARGUMENT = re.compile(r"[^\s${}]+")
+
+
+def _box_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the contents of every complete ``\\boxed{..}`` / ``\\fbox{..}`` (or ``\\boxed x``),
+    ordered by where the box starts. One linear pass: nested braces are matched, escaped braces
+    (``\\{``) ignored, and unclosed boxes (a truncated response) dropped."""
+    found: list[tuple[int, int, int]] = []  # (box start, content start, content end)
+    open_boxes: list[tuple[int, int, int]] = []  # (brace depth, content start, box start)
     depth = 0
-    i = open_index
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":  # skip escaped characters such as \{ and \}
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
-def _boxed_contents(text: str) -> list[str]:
-    """Contents of every complete ``\\boxed{..}`` / ``\\fbox{..}`` (and ``\\boxed x``), in order."""
-    found: list[tuple[int, str]] = []
-    for command in _BOX_COMMANDS:
-        start = text.find(command)
-        while start != -1:
-            after = start + len(command)
+    box_brace_at, box_start = -1, -1
+    for token in _BOX_TOKENS.finditer(text):
+        kind = token.lastgroup
+        if kind == "box":
+            after = token.end()
             if after < len(text) and text[after] == "{":
-                close = _matching_brace(text, after)
-                if close is not None:
-                    found.append((start, text[after + 1 : close]))
-            elif after < len(text) and text[after] == " ":  # "\boxed 5" (no braces)
-                token = re.match(r" +([^\s$]+)", text[after:])
-                if token:
-                    found.append((start, token.group(1)))
-            start = text.find(command, after)
-    found.sort(key=lambda item: item[0])
-    return [content for _, content in found]
+                box_brace_at, box_start = after, token.start()
+            elif after > token.start() + 6 and text[after - 1] == " ":  # "\boxed 5"
+                argument = _UNBRACED_BOX_ARGUMENT.match(text, after)
+                if argument:
+                    found.append((token.start(), argument.start(), argument.end()))
+        elif kind == "brace" and token.group() == "{":
+            depth += 1
+            if token.start() == box_brace_at:
+                open_boxes.append((depth, token.end(), box_start))
+        elif kind == "brace":
+            if open_boxes and open_boxes[-1][0] == depth:
+                _, content_start, start = open_boxes.pop()
+                found.append((start, content_start, token.start()))
+            depth -= 1
+    found.sort()
+    return [(content_start, content_end) for _, content_start, content_end in found]
 
 
 def _clean(answer: str) -> str:
@@ -123,13 +120,10 @@ def _clean(answer: str) -> str:
 
 
 def _phrase_answer(text: str) -> str | None:
-    matches = list(_ANSWER_PHRASE.finditer(text))
-    for match in reversed(matches):
-        rest = text[match.end() :]
-        line = rest.split("\n", 1)[0]
-        # end of sentence: a period followed by a space / end (not a decimal point)
-        sentence = re.split(r"\.(?=\s|$)", line, maxsplit=1)[0]
-        answer = _clean(sentence)
+    for match in reversed(list(_ANSWER_PHRASE.finditer(text))):
+        # up to the end of the sentence (a period before a space, not a decimal point) or of the line
+        end = _SENTENCE_END.search(text, match.end())
+        answer = _clean(text[match.end() : end.start() if end else len(text)])
         if answer:
             return answer
     return None
@@ -143,10 +137,10 @@ def extract_answer(response: str) -> str | None:
     """
     if not isinstance(response, str):
         raise TypeError(f"response must be a str, got {type(response).__name__}")
-    boxes = [_clean(box) for box in _boxed_contents(response)]
-    boxes = [box for box in boxes if box]
-    if boxes:
-        return boxes[-1]
+    for start, end in reversed(_box_spans(response)):
+        box = _clean(response[start:end])
+        if box:
+            return box
     phrase = _phrase_answer(response)
     if phrase:
         return phrase
@@ -208,7 +202,7 @@ def _fast_verdict(pred: str, gold: str) -> bool | None:
 def _wrap(answer: str) -> str:
     """Wrap a bare answer so that math-verify's LaTeX extractor finds it."""
     answer = answer.strip()
-    if _boxed_contents(answer):
+    if _box_spans(answer):
         return answer
     depth = 0
     balanced = True
