@@ -84,6 +84,8 @@ def test_explicit_options_override_protocol():
     assert s.ks == (1,)
     with pytest.raises(ValueError, match="ks"):
         resolve_settings("math500", None, n=2, ks=[4])
+    with pytest.raises(ValueError, match="ks"):
+        resolve_settings("math500", None, ks=[1, 4])  # default n = 1
     with pytest.raises(ValueError, match="unknown protocol"):
         resolve_settings("math500", "deepseek")
 

@@ -132,8 +132,8 @@ def resolve_settings(
 ) -> SamplingSettings:
     """Settings of ``benchmark``: explicit arguments (not None) > the protocol's preset > defaults.
 
-    When ``n`` comes from the protocol, ks larger than it are dropped; an explicit ``n`` smaller than
-    an explicit k is an error.
+    When ``n`` comes from the protocol, ks larger than it are dropped (with a warning); otherwise a k
+    larger than n is an error.
     """
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -146,7 +146,7 @@ def resolve_settings(
     values.update({key: value for key, value in explicit.items() if value is not None})
     chosen_n = values.get("n", 1)
     chosen_ks: tuple[int, ...] | None = tuple(ks) if ks is not None else None
-    if chosen_ks is not None and n is None:
+    if chosen_ks is not None and n is None and protocol is not None:
         kept = tuple(k for k in chosen_ks if k <= chosen_n)
         if len(kept) < len(chosen_ks):
             warnings.warn(f"{benchmark}: n = {chosen_n} (protocol {protocol}); dropping k > n from {list(chosen_ks)}")
