@@ -1,6 +1,9 @@
 """Benchmark of latentx.dynamics against the straightforward reference algorithms.
 
-    .venv/bin/python bench/dynamics.py [--quick] [--device cuda] [--threads N]
+    .venv/bin/python bench/dynamics.py [--quick] [--device cuda] [--threads N] [--timer wall|cpu]
+
+On a shared, busy machine use ``--threads 1 --timer cpu`` (process CPU time of one thread): multi-threaded
+LAPACK calls stall badly when the cores are oversubscribed, which makes wall-clock ratios meaningless.
 
 For T in {256, 512, 1024, 2048, 4096} and d in {576, 896, 2048} (B = 8 synthetic hidden-state trajectories)
 it times ``rank_dynamics`` (default tail window 512, and ``window=None``) and ``dsd`` (m = 50) against
