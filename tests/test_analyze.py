@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from latentx.analyze.pipeline import EIGEN_COLUMNS, RESPONSE_COLUMNS, AnalysisError, AnalyzeConfig, run_analysis
-from latentx.analyze.signals import prefix_effective_ranks, signal_defaults
+from latentx.analyze.signals import matched_lengths, prefix_effective_ranks, signal_defaults
 from latentx.analyze.stats import (
     coefficient_of_variation,
     correlation,
@@ -110,6 +110,28 @@ def test_eigenvalue_table_agrees_with_dsd_and_spectral_radius(tiny_report):
         assert r["er"] > 1 and math.isfinite(r["entropy"]) and r["confidence"] <= 0
         checked += 1
     assert checked == 18
+
+
+def test_length_matched_signals(tiny_report):
+    analysis, _ = tiny_report
+    rows = pq.read_table(analysis.out_dir / "responses.parquet").to_pylist()
+    for r in rows:
+        group = [o for o in rows if o["model"] == r["model"] and o["prompt_index"] == r["prompt_index"]]
+        expected = min((o["length"] for o in group if o["length"] >= 3), default=0) if r["length"] >= 3 else 0
+        assert r["matched_length"] == expected
+        if r["matched_length"] == r["length"] and r["length"] >= 3:  # the shortest of its group: nothing cut
+            assert r["er_matched"] == pytest.approx(r["er"], rel=1e-5)
+            assert r["dsd_matched"] == pytest.approx(r["dsd"], rel=1e-4, abs=1e-9)
+    assert any(r["matched_length"] < r["length"] for r in rows)  # some responses were cut
+    dispersion = (analysis.out_dir / "dispersion.csv").read_text().splitlines()
+    assert dispersion[0] == "model,prompt_index,prompt_id,responses,cv_er,cv_dsd,spectral_w1"
+    assert len(dispersion) == 1 + 3 * 3
+
+
+def test_matched_lengths():
+    groups = np.array([0, 0, 0, 1, 1, 2])
+    lengths = np.array([10, 4, 2, 7, 9, 1])
+    assert matched_lengths(groups, lengths).tolist() == [4, 4, 0, 7, 7, 0]
 
 
 def test_dictionary_sources(tiny_report):

@@ -55,7 +55,8 @@ __all__ = [
 
 RESPONSE_COLUMNS = (
     "model", "response_id", "prompt_index", "prompt_id", "sample_index", "length", "correct", "reward",
-    "entropy", "confidence", "er", "erv", "era", "dsd", "spectral_radius", "median_residual", "windows", "text",
+    "entropy", "confidence", "er", "erv", "era", "dsd", "spectral_radius", "median_residual", "windows",
+    "matched_length", "er_matched", "dsd_matched", "text",
 )
 EIGEN_COLUMNS = ("model", "response_id", "prompt_index", "mode", "real", "imag", "modulus", "residual", "correct")
 CORRELATION_SIGNALS = ("entropy", "confidence", "er", "erv", "era", "dsd", "length")
@@ -71,8 +72,10 @@ FIGURES = {
                  "increments define ERV and ERA (METHODS.md §1).",
     "dispersion": "Per-input dispersion of the dynamics: for each prompt, the spread across its R responses of ER "
                   "and DSD (coefficient of variation) and of the Koopman spectra (mean pairwise 1-Wasserstein distance "
-                  "between eigenvalue-modulus distributions). Lower = responses to one input follow more similar "
-                  "dynamics; lines join the same prompt across models.",
+                  "between eigenvalue-modulus distributions), all computed on the first T_g tokens of each response "
+                  "(T_g = the group's shortest response) so that length differences do not count as different "
+                  "dynamics. Lower = responses to one input follow more similar dynamics; lines join the same prompt "
+                  "across models.",
 }
 
 
@@ -269,23 +272,31 @@ def _dictionary_file(where: str) -> Path | None:
     return None
 
 
-def _load_dictionary(cfg: AnalyzeConfig, index: int, spec: str):
-    """``(dictionary or None, source text)`` for model ``index`` (``--dictionary`` first, then its run)."""
+def _given_dictionaries(cfg: AnalyzeConfig) -> list:
+    """The ``--dictionary`` files, loaded before any model (a bad path fails at once, naming it)."""
     from latentx.dynamics import KoopmanDictionary
 
-    if cfg.dictionaries:
-        given = cfg.dictionaries[0] if len(cfg.dictionaries) == 1 else cfg.dictionaries[index]
+    loaded = []
+    for given in cfg.dictionaries:
         found = _dictionary_file(given)
         if found is None:
             raise AnalysisError(f"--dictionary {given}: no such file, and no koopman.safetensors in that directory / run")
         try:
-            return KoopmanDictionary.load(found), f"--dictionary {found}"
+            loaded.append((KoopmanDictionary.load(found), f"--dictionary {found}"))
         except Exception as error:  # noqa: BLE001 - any unreadable file: name it
             raise AnalysisError(f"--dictionary {found}: cannot be loaded as a Koopman dictionary ({error})") from None
-    if Path(spec).expanduser().is_dir():
-        found = _dictionary_file(spec)
-        if found is not None:
-            return KoopmanDictionary.load(found), f"saved with the run ({found})"
+    return loaded
+
+
+def _model_dictionary(given: list, index: int, spec: str):
+    """``(dictionary or None, source text)`` for model ``index``: ``--dictionary`` first, then its run's."""
+    from latentx.dynamics import KoopmanDictionary
+
+    if given:
+        return given[0] if len(given) == 1 else given[index]
+    found = _dictionary_file(spec) if Path(spec).expanduser().is_dir() else None
+    if found is not None:
+        return KoopmanDictionary.load(found), f"saved with the run ({found})"
     return None, ""
 
 
@@ -411,11 +422,16 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True, log=print, strict: b
     task, instances, notes = build_instances(cfg.task, cfg.data, cfg.prompts, cfg.seed, cfg.task_options)
     for note in notes:
         log(f"note: {note}")
+    if cfg.temperature == 0 and cfg.samples > 1:
+        notes.append("--temperature 0 is greedy decoding: the R responses of a prompt are identical, so their "
+                     "dispersion is 0 by construction")
+        log(f"note: {notes[-1]}")
     if cfg.samples == 1:
         notes.append("--samples 1: one response per prompt, so the per-input dispersion (dispersion.csv and its "
                      "figure) needs R >= 2 and is left out; everything else is per response")
         log(f"note: {notes[-1]}")
 
+    given = _given_dictionaries(cfg)
     labels = [parse_model_arg(arg) for arg in cfg.models]
     seen: dict[str, int] = {}
     for i, (label, spec) in enumerate(labels):  # unique labels: a, a-2, a-3
@@ -428,13 +444,17 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True, log=print, strict: b
     files: dict[str, Path] = {}
     for index, (label, spec) in enumerate(labels):
         try:
-            dictionary, source = _load_dictionary(cfg, index, spec)
+            dictionary, source = _model_dictionary(given, index, spec)
             if dictionary is not None and cfg.m is not None and dictionary.m != cfg.m:
                 notes.append(f"model {label!r}: --m {cfg.m} ignored, its dictionary ({source}) has m = {dictionary.m}")
             log(f"[{index + 1}/{len(labels)}] {label}: loading {spec}")
             t0 = time.perf_counter()
             model, tokenizer = load_model(spec, device=cfg.device, dtype="float32", seed=cfg.seed)
             load_time = time.perf_counter() - t0
+            width = getattr(model.config, "hidden_size", None)
+            if dictionary is not None and width is not None and dictionary.hidden_size != width:
+                raise AnalysisError(f"the Koopman dictionary ({source}) expects hidden size {dictionary.hidden_size} "
+                                    f"but model {label!r} has {width}")
             result = compute_model_signals(
                 label, spec, model, tokenizer, task, instances, cfg.samples, cfg.max_new_tokens, settings,
                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, dictionary=dictionary,
@@ -474,8 +494,8 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True, log=print, strict: b
     if cfg.samples >= 2:
         rows = []
         for result in results:
-            d = group_dispersion(np.asarray(result.columns["prompt_index"]), _col(result, "er"), _col(result, "dsd"),
-                                 result.moduli)
+            d = group_dispersion(np.asarray(result.columns["prompt_index"]), _col(result, "er_matched"),
+                                 _col(result, "dsd_matched"), result.matched_moduli)
             dispersion[result.label] = d
             for i, g in enumerate(d["group"]):
                 rows.append(dict(model=result.label, prompt_index=int(g), prompt_id=instances[int(g)].id,

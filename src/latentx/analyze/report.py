@@ -46,14 +46,21 @@ def _fmt(value: Any, spec: str) -> str:
     return spec.format(value)
 
 
-def _pair(analysis: "Analysis", label: str, x: str, y: str) -> str:
+def _pair(analysis: "Analysis", label: str, x: str, y: str, with_n: bool = True) -> str:
     cm = analysis.correlations[label]
     i, j = cm.names.index(x), cm.names.index(y)
     r, lo, hi, n = cm.r[i, j], cm.low[i, j], cm.high[i, j], cm.n[i, j]
+    count = f" (n={n})" if with_n else ""
     if not math.isfinite(r):
-        return f"n/a (n={n})"
-    interval = f" [{lo:+.2f}, {hi:+.2f}]" if math.isfinite(lo) else ""
-    return f"{r:+.2f}{interval} (n={n})"
+        return "n/a" + count
+    interval = f" [{lo:+.2f},{hi:+.2f}]" if math.isfinite(lo) else ""
+    return f"{r:+.2f}{interval}{count}"
+
+
+def _n_range(analysis: "Analysis", label: str) -> str:
+    cm = analysis.correlations[label]
+    counts = [int(cm.n[cm.names.index(x), cm.names.index(y)]) for x, y in KEY_PAIRS]
+    return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
 
 
 def print_summary(analysis: "Analysis", console: "Console | None" = None) -> None:
@@ -81,7 +88,9 @@ def print_summary(analysis: "Analysis", console: "Console | None" = None) -> Non
     for label in analysis.correlations:
         corr.add_column(label, justify="right", overflow="fold")
     for x, y in KEY_PAIRS:
-        corr.add_row(f"{_NAMES[x]} ~ {_NAMES[y]}", *[_pair(analysis, label, x, y) for label in analysis.correlations])
+        corr.add_row(f"{_NAMES[x]} ~ {_NAMES[y]}",
+                     *[_pair(analysis, label, x, y, with_n=False) for label in analysis.correlations])
+    corr.add_row("n (responses)", *[_n_range(analysis, label) for label in analysis.correlations])
     console.print(corr)
     for note in analysis.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
@@ -128,7 +137,9 @@ _DEFINITIONS = [
     ("Per-input dispersion (the 'dynamical scaling law')",
      "For each prompt, across its R responses: CV(ER) = sd/mean of ER, CV(DSD) = sd/mean of DSD, and W1 spec = mean "
      "over response pairs of the 1-Wasserstein distance between their eigenvalue-modulus distributions "
-     "((1/m) Σ_j |ρ_(j) − ρ'_(j)| with sorted moduli). Scale-free, so models of different width compare; lower = the "
+     "((1/m) Σ_j |ρ_(j) − ρ'_(j)| with sorted moduli). All three use each response's first T_g tokens, T_g the "
+     "shortest response of the prompt (columns matched_length, er_matched, dsd_matched), because ER grows and DSD "
+     "falls with length. Scale-free, so models of different width compare; lower = the "
      "responses to one input follow more coherent, clustered dynamics. Caveat: each model's DSD and spectra use its "
      "own dictionary unless one --dictionary is shared."),
 ]

@@ -10,7 +10,10 @@ For every sampled response i of one model this module computes, from ONE no-grad
 * ``entropy`` -- mean token entropy of the policy over the response's tokens (natural log);
 * ``confidence`` -- mean log-probability of the sampled tokens, (1/T) sum_t log pi(o_t | o_<t), <= 0;
   higher means more confident (exp of it is the geometric-mean probability of the sampled tokens);
-* ``length`` (tokens, the EOS counts), ``reward`` and ``correct`` (the task's verifier).
+* ``length`` (tokens, the EOS counts), ``reward`` and ``correct`` (the task's verifier);
+* ``matched_length``, ``er_matched``, ``dsd_matched`` -- ER and DSD of the response's first T_g tokens, T_g the
+  shortest length in its prompt's group (:func:`matched_lengths`): the per-input dispersion compares these,
+  because ER and DSD both change with length.
 
 Undefined values are NaN here (the trainer uses 0, METHODS.md §1, but 0 would distort statistics):
 ER needs >= 2 tokens, DSD and the spectrum >= 3 tokens (2 snapshot pairs), ERV >= 2 and ERA >= 3 prefix
@@ -30,6 +33,7 @@ from torch import Tensor
 from latentx import dynamics
 from latentx.objectives.relax import RelaxConfig
 from latentx.rollout import Sequences, policy_forward, sample_responses
+from latentx.tasks import Task
 
 __all__ = [
     "SignalSettings",
@@ -38,6 +42,7 @@ __all__ = [
     "signal_defaults",
     "prefix_effective_ranks",
     "window_counts",
+    "matched_lengths",
     "compute_model_signals",
 ]
 
@@ -131,8 +136,8 @@ def prefix_effective_ranks(H: Tensor, stride: int, window: int | None = 512, den
     if len(grid) > dense_points:
         grid = sorted(set(np.linspace(2, t_tail, dense_points).round().astype(int).tolist()) | set(window_sizes))
     dense = _prefix_ranks(tail, grid) if grid else np.zeros(0)
-    lookup = dict(zip(grid, dense))
-    window_er = np.array([lookup[n] if n in lookup else _prefix_ranks(tail, [n])[0] for n in window_sizes])
+    lookup = dict(zip(grid, dense))  # the grid holds every window size
+    window_er = np.array([lookup[n] for n in window_sizes])
     return PrefixSeries(np.array(window_sizes, dtype=np.int64), window_er, np.array(grid, dtype=np.int64), dense,
                         H.shape[0] - t_tail, stride)
 
@@ -142,7 +147,8 @@ class ModelSignals:
     """Everything computed for one model.
 
     ``columns``: per-response columns (equal length).  ``moduli``: ``[n, m]`` eigenvalue moduli sorted in
-    decreasing order (NaN rows where undefined).  ``eigen``: long-format eigenvalue table.  ``examples``:
+    decreasing order (NaN rows where undefined); ``matched_moduli``: the same on the group's matched length
+    (see :func:`matched_lengths`).  ``eigen``: long-format eigenvalue table.  ``examples``:
     response id -> :class:`PrefixSeries`.  ``notes``: messages for the user (empty responses, ...).
     """
 
@@ -153,6 +159,7 @@ class ModelSignals:
     dictionary_source: str
     columns: dict[str, list]
     moduli: np.ndarray
+    matched_moduli: np.ndarray
     eigen: dict[str, list]
     examples: dict[int, PrefixSeries] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -206,7 +213,9 @@ def compute_model_signals(
     if not instances:
         raise ValueError("instances must not be empty")
     timings = {"sample": 0.0, "forward": 0.0, "signals": 0.0, "fit": 0.0}
+    cpu_start = time.process_time()
     prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
+    default_correct = type(task).is_correct is Task.is_correct  # reward >= 1: grade each response once
     torch.manual_seed(seed)
     kept: list[tuple[Tensor, Tensor]] = []
     cols: dict[str, list] = {k: [] for k in ("prompt_index", "sample_index", "length", "entropy", "confidence",
@@ -228,10 +237,11 @@ def compute_model_signals(
         kept.append((hidden, mask))
         for row, text in enumerate(seqs.texts):
             g = part.start + row // samples
+            reward = float(task.reward(instances[g], text))
             cols["prompt_index"].append(g)
             cols["sample_index"].append(row % samples)
-            cols["reward"].append(float(task.reward(instances[g], text)))
-            cols["correct"].append(bool(task.is_correct(instances[g], text)))
+            cols["reward"].append(reward)
+            cols["correct"].append(reward >= 1.0 if default_correct else bool(task.is_correct(instances[g], text)))
             cols["text"].append(text)
         cols["length"].extend(mask.sum(dim=1).tolist())
         cols["entropy"].extend(_masked_mean(fo.entropy.cpu(), mask).tolist())
@@ -265,25 +275,21 @@ def compute_model_signals(
     m = dictionary.m if dictionary is not None else settings.m
 
     t0 = time.perf_counter()
-    dsd_values, moduli_rows, eig_rows, res_rows = [], [], [], []
-    for hidden, mask in kept:
-        if dictionary is None:
-            dsd_values.append(np.full(hidden.shape[0], np.nan))
-            eig_rows.append(np.full((hidden.shape[0], m), np.nan + 0j))
-            res_rows.append(np.full((hidden.shape[0], m), np.nan))
-            continue
-        with torch.no_grad():
-            info = dynamics.dsd_with_info(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
-            spectrum = dynamics.koopman_spectrum(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
-        dsd_values.append(info.dsd.double().numpy())
-        eig_rows.append(spectrum.eigvals.to(torch.complex128).numpy())
-        res_rows.append(spectrum.residuals.double().numpy())
-    eigvals, residuals = np.concatenate(eig_rows), np.concatenate(res_rows)
+    dsd_raw, eigvals, residuals = _koopman_signals(kept, dictionary, m, settings)
+    matched = matched_lengths(np.asarray(cols["prompt_index"]), lengths)
+    dsd_matched, eig_matched, _ = _koopman_signals(kept, dictionary, m, settings, limit=matched)
+    er_matched = np.concatenate([
+        dynamics.effective_rank(hidden, _truncate(mask, limit)).double().numpy()
+        for (hidden, mask), limit in zip(kept, _split(matched, kept))
+    ])
     timings["signals"] += time.perf_counter() - t0
 
     windows = window_counts(lengths, settings.stride, settings.window)
     short_dsd = lengths < 3
-    cols["dsd"] = np.where(short_dsd, np.nan, np.concatenate(dsd_values)).tolist()
+    cols["dsd"] = np.where(short_dsd, np.nan, dsd_raw).tolist()
+    cols["matched_length"] = matched.tolist()
+    cols["er_matched"] = np.where(matched < 3, np.nan, er_matched).tolist()
+    cols["dsd_matched"] = np.where(matched < 3, np.nan, dsd_matched).tolist()
     cols["er"] = np.where(lengths < 2, np.nan, cols["er"]).tolist()
     cols["erv"] = np.where(windows < 2, np.nan, cols["erv"]).tolist()
     cols["era"] = np.where(windows < 3, np.nan, cols["era"]).tolist()
@@ -324,7 +330,66 @@ def compute_model_signals(
     by_response = [(h[j], mk[j]) for h, mk in kept for j in range(h.shape[0])]
     series = {i: prefix_effective_ranks(by_response[i][0][by_response[i][1]], settings.stride, settings.window)
               for i in examples}
-    return ModelSignals(label, spec, hidden_size, m, dictionary_source, cols, moduli, eigen, series, timings, notes)
+    timings["cpu"] = time.process_time() - cpu_start  # CPU seconds of all threads (wall times above)
+    matched_moduli = np.where((matched < 3)[:, None], np.nan, np.abs(eig_matched))
+    return ModelSignals(label, spec, hidden_size, m, dictionary_source, cols, moduli, matched_moduli, eigen, series,
+                        timings, notes)
+
+
+def matched_lengths(groups: np.ndarray, lengths: np.ndarray, minimum: int = 3) -> np.ndarray:
+    """Per response: the shortest length among the responses of its group that have >= ``minimum`` tokens.
+
+    Responses shorter than ``minimum`` get 0 (left out).  Truncating every response of a group to this length
+    compares their dynamics over the same number of tokens (ER and DSD both depend on length).
+    """
+    out = np.zeros(len(lengths), dtype=np.int64)
+    for g in np.unique(groups):
+        rows = (groups == g) & (lengths >= minimum)
+        if rows.any():
+            out[rows] = lengths[rows].min()
+    return out
+
+
+def _split(values: np.ndarray, kept: list[tuple[Tensor, Tensor]]) -> list[np.ndarray]:
+    """``values`` (one per response) cut into the chunks of ``kept``."""
+    bounds = np.cumsum([h.shape[0] for h, _ in kept])[:-1]
+    return np.split(values, bounds)
+
+
+def _truncate(mask: Tensor, limit: np.ndarray | None) -> Tensor:
+    """``mask`` restricted to each row's first ``limit[row]`` valid tokens (wherever they sit in the row)."""
+    if limit is None:
+        return mask
+    return mask & (mask.long().cumsum(dim=1) <= torch.as_tensor(limit)[:, None])
+
+
+def _koopman_signals(
+    kept: list[tuple[Tensor, Tensor]],
+    dictionary: dynamics.KoopmanDictionary | None,
+    m: int,
+    settings: SignalSettings,
+    limit: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DSD ``[n]``, eigenvalues ``[n, m]`` (decreasing modulus) and residuals ``[n, m]`` of every response.
+
+    ``limit``: per response, use only its first ``limit`` tokens (None: all).  NaN without a dictionary.
+    """
+    limits = _split(limit, kept) if limit is not None else [None] * len(kept)
+    dsd_rows, eig_rows, res_rows = [], [], []
+    for (hidden, mask), part in zip(kept, limits):
+        if dictionary is None:
+            dsd_rows.append(np.full(hidden.shape[0], np.nan))
+            eig_rows.append(np.full((hidden.shape[0], m), np.nan + 0j))
+            res_rows.append(np.full((hidden.shape[0], m), np.nan))
+            continue
+        mask = _truncate(mask, part)
+        with torch.no_grad():
+            info = dynamics.dsd_with_info(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
+            spectrum = dynamics.koopman_spectrum(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
+        dsd_rows.append(info.dsd.double().numpy())
+        eig_rows.append(spectrum.eigvals.to(torch.complex128).numpy())
+        res_rows.append(spectrum.residuals.double().numpy())
+    return np.concatenate(dsd_rows), np.concatenate(eig_rows), np.concatenate(res_rows)
 
 
 def _pick_examples(cols: dict[str, list], windows: np.ndarray, count: int) -> list[int]:

@@ -16,7 +16,9 @@ The two-sided interval at level ``1 - alpha`` is tanh(z -+ q se) with q the stan
 
 Dispersion of the dynamics of one input (report section "dynamical scaling law")
 --------------------------------------------------------------------------------
-For each prompt g with responses r = 1..R (only responses whose signal is defined count; at least 2 needed):
+For each prompt g with responses r = 1..R (only responses whose signal is defined count; at least 2 needed).
+The analysis feeds length-matched signals: each response cut to T_g tokens, the shortest length in the group
+(:func:`latentx.analyze.signals.matched_lengths`), since ER grows with length and DSD shrinks with it.
 
 * ``cv_er``  = std_r(ER_r) / mean_r(ER_r)      (sample std, ddof = 1): scale-free spread of the effective rank;
 * ``cv_dsd`` = std_r(DSD_r) / mean_r(DSD_r)    the same for the Dynamic Spectral Dispersion;
