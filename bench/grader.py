@@ -4,7 +4,8 @@
 
 The answer set is built from the shared benchmarks' reference answers, so every check goes through
 math-verify (plain-number pairs, decided in-process, are left out unless --include-numbers):
-for each problem, a correct response (its gold in \\boxed{}) and a wrong one (the next problem's gold).
+for each problem two correct responses (its gold in \\boxed{} and after "The answer is") and a wrong
+one (the gold of a problem half the list away), as in an evaluation with n = 3 samples per problem.
 Workers are started before the clock starts and restarted between modes, so that no mode profits
 from another's parse caches. A third line grades in-process without any time limit (``timeout=None``)
 to show what the worker round trip costs. On a machine shared with other jobs the pool cannot beat
@@ -27,11 +28,15 @@ from latentx.tasks.grading import _fast_verdict, grade_answer, grade_many  # noq
 
 
 def build_pairs(benchmarks: list[str], limit: int | None, include_numbers: bool) -> tuple[list[str], list[str], list[bool]]:
+    """Like an evaluation with n = 3: per problem two right answers (boxed / "the answer is") and a
+    wrong one (the reference of a problem half the list away)."""
     golds = [p.answer for name in benchmarks for p in load_benchmark(name)]
     responses, references, expected = [], [], []
     for i, gold in enumerate(golds):
-        other = golds[(i + 1) % len(golds)]
-        for response, is_correct in ((f"So we get $\\boxed{{{gold}}}$.", True), (f"Thus \\boxed{{{other}}}", False)):
+        other = golds[(i + len(golds) // 2) % len(golds)]
+        candidates = ((f"So we get $\\boxed{{{gold}}}$.", True), (f"The answer is ${gold}$.", True),
+                      (f"Thus \\boxed{{{other}}}", False))
+        for response, is_correct in candidates:
             if not include_numbers and _fast_verdict(grading.extract_answer(response) or "", gold) is not None:
                 continue
             responses.append(response)
@@ -80,7 +85,7 @@ def main() -> None:
     print(f"speed-up (pool/single): {pool_rate / single_rate:8.2f}x")
     print(f"in-process, no limit  : {in_process_rate:8.1f} answers/s  (reference: cost of the pipe round trip)")
     print(f"results identical: {single == pooled == in_process}; agreement with the constructed labels: "
-          f"{100 * agree:.1f}% (a 'wrong' pair is right when neighbouring golds are equal, e.g. x=5 vs 5)")
+          f"{100 * agree:.1f}% (a 'wrong' pair is right when two golds are equal, e.g. x=5 vs 5)")
 
 
 if __name__ == "__main__":

@@ -450,14 +450,16 @@ def grade_many(
 ) -> list[bool]:
     """:func:`grade_answer` over pairs, on a pool of ``workers`` grading processes (default: CPU count).
 
-    Plain-number answers are decided in-process first; the rest are spread over the pool. Each check
-    has its own ``timeout``; a check that runs past it counts as wrong and its worker is replaced.
+    Plain-number answers are decided in-process first; the rest are spread over the pool, answers to
+    the same reference on the same worker. Each check has its own ``timeout``; a check that runs past it
+    counts as wrong and its worker is replaced. ``timeout=None`` grades in-process, one after another,
+    without any limit (trusted input only).
     """
     if len(responses) != len(golds):
         raise ValueError(f"responses and golds differ in length: {len(responses)} vs {len(golds)}")
     if workers is None:
         workers = os.cpu_count() or 1
-    if not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     _validate_timeout(timeout)
     results: list[bool] = [False] * len(responses)
@@ -477,24 +479,42 @@ def grade_many(
     if not pending:
         return results
 
-    def run(item: tuple[int, str, str]) -> tuple[int, bool]:
-        i, pred, gold_answer = item
-        if timeout is None:
-            return i, _math_verify_equal(pred, gold_answer)
-        return i, _check_with_limit(pred, gold_answer, timeout)
-
     from tqdm.auto import tqdm
 
-    if timeout is None or workers == 1:
-        iterator = map(run, pending)
-        for i, ok in tqdm(iterator, total=len(pending), desc="grading", disable=not progress):
-            results[i] = ok
+    if timeout is None:
+        for i, pred, gold_answer in tqdm(pending, desc="grading", disable=not progress):
+            results[i] = _math_verify_equal(pred, gold_answer)
         return results
+    # Answers to the same reference go to the same worker, whose parse cache then holds the reference
+    # (evaluation grades n samples per problem); groups are cut so that every worker gets work.
+    by_gold: dict[str, list[tuple[int, str, str]]] = {}
+    for item in pending:
+        by_gold.setdefault(item[2], []).append(item)
+    size = max(1, -(-len(pending) // (4 * workers)))
+    chunks = [group[j : j + size] for group in by_gold.values() for j in range(0, len(group), size)]
     _POOL.max_idle = max(_POOL.max_idle, workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, ok in tqdm(pool.map(run, pending), total=len(pending), desc="grading", disable=not progress):
-            results[i] = ok
+    with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool, \
+            tqdm(total=len(pending), desc="grading", disable=not progress) as bar:
+        for verdicts in pool.map(lambda chunk: _check_chunk(chunk, timeout), chunks):
+            for i, ok in verdicts:
+                results[i] = ok
+            bar.update(len(verdicts))
     return results
+
+
+def _check_chunk(chunk: list[tuple[int, str, str]], timeout: float) -> list[tuple[int, bool]]:
+    """Grade ``(index, pred, gold)`` items on one worker (a fresh one after a timeout)."""
+    verdicts = []
+    worker: _Worker | None = None
+    try:
+        for i, pred, gold in chunk:
+            if worker is None or not worker.alive:
+                worker = _POOL.acquire()
+            verdicts.append((i, bool(worker.check(pred, gold, timeout))))
+    finally:
+        if worker is not None:
+            _POOL.release(worker)
+    return verdicts
 
 
 if __name__ == _WORKER_RUN_NAME:  # pragma: no cover - the worker subprocess
