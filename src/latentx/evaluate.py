@@ -260,7 +260,10 @@ def generate_hf(
         eos_token_id=eos_ids or None,
         **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if not settings.greedy else {}),
     )
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    from latentx.rollout import adds_bos
+
+    special = adds_bos(tokenizer, list(prompts))
+    encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} tokenises to nothing: {prompts[i][:80]!r}")

@@ -73,6 +73,16 @@ class Sequences:
         )
 
 
+def adds_bos(tokenizer, prompts: list[str]) -> bool:
+    """Whether prompts should be encoded with the tokenizer's special tokens.
+
+    Plain-text prompts get them (the warm start trains with ``tokenizer(prompt)``, BOS included); prompts
+    rendered by a chat template already carry their BOS text, so adding it again would double it.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and prompts and all(p.startswith(bos) for p in prompts))
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding (what ``generate`` uses), so forwards match the sampler."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -100,7 +110,7 @@ def sample_responses(
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=adds_bos(tokenizer, prompts))
     prompt_ids = enc["input_ids"].repeat_interleave(samples_per_prompt, dim=0)
     prompt_mask = enc["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)
     if prompt_ids.shape[1] == 0:
