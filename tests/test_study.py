@@ -152,3 +152,22 @@ def test_cli_rejects_bad_input(tmp_path):
     assert result.exit_code == 2 and "relax.alpha=0.05" in result.output
     result = runner.invoke(app, ["study", "--preset", "tpu", "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and "cpu, gpu-math" in result.output
+
+
+def test_presets_load():
+    from latentx.study import preset_path
+
+    base, study = load_study_config(preset_path("cpu"))
+    assert study.objectives == ["grpo", "relax", "verl"] and study.seeds == [0, 1, 2]
+    assert base.eval.n >= 64 and max(base.eval.ks) == 64 and base.model.name == "tiny"
+    assert not set(study.validation_seeds) & set(study.seeds)
+    from latentx.tasks.benchmarks import find_data_dir
+
+    data = find_data_dir()
+    if data is None or not (data / "gsm8k.jsonl").is_file():
+        pytest.skip("the shared benchmark files are not here")
+    shared = data / "gsm8k.jsonl"  # any existing problem file stands in for the user's MATH train file
+    base, study = load_study_config(preset_path("gpu-math"), [f"task.data_path={shared}"])
+    assert base.task.name == "math" and base.eval.n == 64 and base.model.device == "cuda"
+    assert len({len(v) for v in study.tune.values()}) == 1  # the same tuning budget for every objective
+    assert any(o.startswith("task.options.eval_path") for o in study.validation_overrides)

@@ -448,8 +448,9 @@ def _tune_value_dir(key: str, value: Any) -> str:
     return f"{key.split('.', 1)[1]}={value}"
 
 
-def tune(base: "TrainConfig", study: StudyConfig, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Run each tuned objective's grid on the validation seeds and pick the best value per objective."""
+def tune(base: "TrainConfig", study: StudyConfig, out: Path, progress: bool = True) -> tuple[dict[str, Any], int]:
+    """Run each tuned objective's grid on the validation seeds and pick the best value per objective.
+    Returns the choice and the number of tuning runs this call trained or evaluated."""
     extra = [f"eval.seed={base.eval.seed + 1}", *study.validation_overrides]
     jobs: list[tuple[str, Any, int, Job]] = []
     for objective, key in study.tuned_objectives.items():
@@ -458,7 +459,7 @@ def tune(base: "TrainConfig", study: StudyConfig, out: Path, progress: bool = Tr
                 run_dir = out / "tune" / objective / _tune_value_dir(key, value) / f"s{seed}"
                 cfg = _run_config(base, objective, seed, run_dir, [*extra, f"{key}={value}"])
                 jobs.append((objective, value, seed, Job(f"tune {objective} {key}={value} s{seed}", cfg)))
-    run_jobs([job for *_, job in jobs], study.workers, "tuning", progress)
+    ran = len(run_jobs([job for *_, job in jobs], study.workers, "tuning", progress))
     grid: dict[str, list[dict[str, Any]]] = {}
     for objective, value, seed, job in jobs:
         ev = json.loads((job.run_dir / EVAL_FILE).read_text())
@@ -478,7 +479,7 @@ def tune(base: "TrainConfig", study: StudyConfig, out: Path, progress: bool = Tr
         choice["objectives"][objective] = {"key": key, "value": best["value"], "grid": entries,
                                            "runs": len(entries) * len(study.validation_seeds)}
     atomic_write_text(out / "tune" / "choice.json", json.dumps(choice, indent=1, default=str))
-    return choice
+    return choice, ran
 
 
 def run_study(base: "TrainConfig", study: StudyConfig, out: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
@@ -488,7 +489,9 @@ def run_study(base: "TrainConfig", study: StudyConfig, out: str | os.PathLike, p
     started = time.perf_counter()
     atomic_write_text(out / "study.yaml", yaml.safe_dump({**to_dict(base), "study": to_dict(study)}, sort_keys=False))
     start_eval = prepare(base, out, progress)
-    choice = tune(base, study, out, progress) if study.tune else None
+    phases = {"prepare": time.perf_counter() - started}
+    choice, tuning_runs = tune(base, study, out, progress) if study.tune else (None, 0)
+    phases["tuning"] = time.perf_counter() - started - phases["prepare"]
     jobs: dict[tuple[str, int], Job] = {}
     for objective in study.objectives:
         extra = []
@@ -499,9 +502,13 @@ def run_study(base: "TrainConfig", study: StudyConfig, out: str | os.PathLike, p
             cfg = _run_config(base, objective, seed, out / "runs" / objective / f"s{seed}", extra)
             jobs[objective, seed] = Job(f"{objective} s{seed}", cfg)
     outcomes = run_jobs(list(jobs.values()), study.workers, "study", progress)
+    phases["runs"] = time.perf_counter() - started - phases["prepare"] - phases["tuning"]
     results = aggregate(base, study, jobs, start_eval, choice)
     results["wall_time_s"] = time.perf_counter() - started
+    results["phases_s"] = phases
     results["runs_this_invocation"] = len(outcomes)
+    results["tuning_runs_this_invocation"] = tuning_runs
+    results["workers"] = max(1, study.workers or available_cores())
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     plots = write_plots(results, out / "plots")
     write_report(results, out, plots)
@@ -690,8 +697,9 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"Rollout signals (moving average over {settings['smoothing_window']} steps), "
-                     f"mean over seeds with {level}", fontsize=10)
+        window = settings["smoothing_window"]
+        smoothing = f"moving average over {window} steps" if window > 1 else "per step"
+        fig.suptitle(f"Rollout signals ({smoothing}), mean over seeds with {level}", fontsize=10)
         save(fig, "signals.png")
 
     # Final metrics: bars with CI error bars
@@ -761,6 +769,27 @@ def _fmt_signed(value: float, digits: int = 3) -> str:
     return "n/a" if math.isnan(value) else f"{value:+.{digits}f}"
 
 
+def _verdicts(comparisons: list[dict[str, Any]], baseline: str, alpha: float) -> list[str]:
+    """One bullet per objective: the direction of each final-metric difference and whether it is significant."""
+    bullets = []
+    for objective in dict.fromkeys(c["objective"] for c in comparisons if c["headline"]):
+        rows = [c for c in comparisons if c["headline"] and c["objective"] == objective]
+        parts = []
+        for c in rows:
+            word = "higher" if c["diff"] > 0 else "lower" if c["diff"] < 0 else "equal"
+            verdict = (f"significant, p = {_fmt_p(c['t_p'])}" + ("" if c["significant_holm"] else ", not after Holm")
+                       if c["significant"] else "not significant")
+            parts.append(f"{c['label']} {word} ({_fmt_signed(c['diff'])}, {verdict})")
+        wins = [c for c in rows if c["significant"] and c["diff"] > 0]
+        losses = [c for c in rows if c["significant"] and c["diff"] < 0]
+        headline = ("significantly better on " + ", ".join(c["label"] for c in wins) if wins and not losses
+                    else "significantly worse on " + ", ".join(c["label"] for c in losses) if losses and not wins
+                    else "mixed: significantly better on some metrics and worse on others" if wins
+                    else f"no significant difference from {baseline} at p < {alpha}")
+        bullets.append(f"- **{objective}** vs {baseline}: {headline}. " + "; ".join(parts) + ".")
+    return bullets
+
+
 def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> Path:
     """``report.md``: settings, tables with confidence intervals, significance against the baseline."""
     s, summary = results["settings"], results["summary"]
@@ -777,8 +806,11 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
         f"(Pass@k for k = 1..{s['n']} from per-problem correct counts). "
         f"Numbers are mean ± half-width of the {level} % t confidence interval over {len(seeds)} seeds.",
         "",
-        f"Wall time of this invocation: {results['wall_time_s'] / 60:.1f} min "
-        f"({results['runs_this_invocation']} runs trained or evaluated; finished runs are skipped on rerun).",
+        f"Wall time of this invocation: {results['wall_time_s'] / 60:.1f} min with {results['workers']} "
+        f"worker(s) (warm start and starting-policy evaluation {results['phases_s']['prepare'] / 60:.1f} min, "
+        f"tuning {results['phases_s']['tuning'] / 60:.1f} min for {results['tuning_runs_this_invocation']} runs, "
+        f"study {results['phases_s']['runs'] / 60:.1f} min for {results['runs_this_invocation']} runs; "
+        "runs finished by an earlier invocation are skipped and not counted).",
         "",
         "## Final held-out metrics",
         "",
@@ -817,17 +849,9 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
             verdict = ("yes" + ("" if c["significant_holm"] else " (not after Holm)")) if c["significant"] else "no"
             lines.append(f"| {c['objective']} | {c['label']} | {_fmt_signed(c['diff'])}{ci} | {_fmt_p(c['t_p'])} | "
                          f"{_fmt_p(c['wilcoxon_p'])} | {_fmt_p(c.get('holm_p', math.nan))} | {verdict} |")
-        significant = [c for c in comparisons if c["headline"] and c["significant"]]
-        lines += ["", "**In words.** "
-                  + (("Significant at p < %s (paired t): " % s["alpha"]
-                      + "; ".join(f"{c['objective']} {c['label']} {_fmt_signed(c['diff'])} (p = {_fmt_p(c['t_p'])}"
-                                  + ("" if c["significant_holm"] else ", not significant after Holm") + ")"
-                                  for c in significant) + ". ") if significant
-                     else f"No difference against {baseline} is significant at p < {s['alpha']}. ")
-                  + "Every other difference in the table is not significant: it is within what seed-to-seed "
-                  "variation explains."]
-        lines += ["", f"**Power.** With {n_pairs} paired seeds the paired t-test has {n_pairs - 1} degrees of "
-                  f"freedom and the exact Wilcoxon test cannot give p below {2 / 2 ** n_pairs:.3g}"
+        lines += ["", "**In words.**", ""] + _verdicts(comparisons, baseline, s["alpha"])
+        lines += ["", f"**Power.** With {n_pairs} paired seeds the paired t-test has {n_pairs - 1} "
+                  f"degree{'s' if n_pairs != 2 else ''} of freedom and the exact Wilcoxon test cannot give p below {2 / 2 ** n_pairs:.3g}"
                   + (", so it can never reach significance here" if 2 / 2 ** n_pairs >= s["alpha"] else "")
                   + ". These tests have low power: a non-significant difference is not evidence that the "
                   "objectives are equal, only that this study cannot tell them apart."]
