@@ -104,6 +104,7 @@ def _print_summary(summary: dict, cfg) -> None:
 
 # --- sub-commands (one line each; the command functions live in their own modules) ---
 # COMMANDS-BEGIN
+from latentx.study import study_command; app.command("study")(study_command)  # noqa: E402,E702
 from latentx.analyze.command import analyze_cmd; app.command("analyze")(analyze_cmd)  # noqa: E402,E702
 from latentx.evaluate import eval_command; app.command("eval")(eval_command)  # noqa: E402,E702
 # COMMANDS-END
