@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from latentx.cli import app
 from latentx.config import ConfigError
-from latentx.study import StudyConfig, evaluate_policy, load_study_config, run_study
+from latentx.study import StudyConfig, StudyError, check_metric, evaluate_policy, load_study_config, run_study
 from latentx.tasks import FunctionTask, register_task
 from latentx.trainer import Trainer, resolve_config
 
@@ -142,6 +142,11 @@ def test_study_config_errors():
         load_study_config(None, ["study.objectives=grpo,relaxx"])
     with pytest.raises(ConfigError, match="baseline"):
         load_study_config(None, ["study.objectives=relax,verl"])
+    check_metric("pass@64", 64)
+    check_metric("mean@8", 8)
+    for bad in ("pass@65", "mean@4", "accuracy", "pass@x"):
+        with pytest.raises(StudyError, match="known: mean@1_greedy"):
+            check_metric(bad, 8 if bad == "mean@4" else 64)
 
 
 def test_cli_rejects_bad_input(tmp_path):

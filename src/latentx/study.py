@@ -252,19 +252,24 @@ def evaluate_policy(model, tokenizer, task, cfg: "TrainConfig") -> dict[str, Any
     }
 
 
+def check_metric(name: str, n: int) -> None:
+    """Raise :class:`StudyError` unless ``name`` is a metric an evaluation with ``n`` samples reports."""
+    known = f"mean@1_greedy, mean@{n}, pass@<k> for k in 1..{n}, distinct_correct_per_problem"
+    if name in ("mean@1_greedy", f"mean@{n}", "distinct_correct_per_problem"):
+        return
+    k = name[len("pass@"):] if name.startswith("pass@") else ""
+    if not (k.isdigit() and 1 <= int(k) <= n):
+        raise StudyError(f"metric {name!r} is not reported by an evaluation with {n} samples; known: {known}")
+
+
 def metric_value(ev: dict[str, Any], name: str) -> float:
     """``mean@1_greedy``, ``mean@<n>``, ``pass@<k>`` (any k ≤ n, from the counts) or
     ``distinct_correct_per_problem`` of an evaluation."""
     from latentx.stats import pass_at_k_curve
 
+    check_metric(name, ev["n"])
     if name.startswith("pass@"):
-        k = int(name.split("@", 1)[1])
-        if not 1 <= k <= ev["n"]:
-            raise StudyError(f"metric {name}: k must lie in [1, eval.n={ev['n']}]")
-        return float(pass_at_k_curve(ev["correct_counts"], ev["n"], [k])[0])
-    if name not in ev:
-        known = ["mean@1_greedy", f"mean@{ev['n']}", "pass@<k>", "distinct_correct_per_problem"]
-        raise StudyError(f"unknown metric {name!r}; known: {', '.join(known)}")
+        return float(pass_at_k_curve(ev["correct_counts"], ev["n"], [int(name[len("pass@"):])])[0])
     return float(ev[name])
 
 
@@ -430,16 +435,21 @@ def _run_config(base: "TrainConfig", objective: str, seed: int, out: Path, extra
 
 
 def prepare(base: "TrainConfig", out: Path, progress: bool = True) -> dict[str, Any]:
-    """Warm-start once (cached for every worker) and evaluate the starting policy once."""
+    """Warm-start once (cached for every worker) and evaluate the starting policy once (again only
+    when the settings that decide it change)."""
     from latentx.trainer import Trainer
 
     path = out / "start" / "eval.json"
     cfg = _run_config(base, "grpo", base.seed, out / "start")
+    identity = {k: v for k, v in to_dict(cfg).items() if k in ("model", "task", "warm_start", "rollout", "eval")}
     trainer = Trainer(cfg, progress=progress, log=lambda message: None)  # loads + warm-starts (cached)
     if path.is_file():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        if stored.get("identity") == identity:
+            return stored
     result = evaluate_policy(trainer.model, trainer.tokenizer, trainer.task, cfg)
     result["warm_start"] = {k: v for k, v in trainer.warm_info.items() if k in ("key", "steps", "final_loss", "cache_path")}
+    result["identity"] = identity
     atomic_write_text(path, json.dumps(result, indent=1))
     return result
 
@@ -459,6 +469,7 @@ def tune(base: "TrainConfig", study: StudyConfig, out: Path, progress: bool = Tr
                 run_dir = out / "tune" / objective / _tune_value_dir(key, value) / f"s{seed}"
                 cfg = _run_config(base, objective, seed, run_dir, [*extra, f"{key}={value}"])
                 jobs.append((objective, value, seed, Job(f"tune {objective} {key}={value} s{seed}", cfg)))
+    check_metric(study.tune_metric, jobs[0][3].cfg.eval.n)  # before hours of runs, not after
     ran = len(run_jobs([job for *_, job in jobs], study.workers, "tuning", progress))
     grid: dict[str, list[dict[str, Any]]] = {}
     for objective, value, seed, job in jobs:
