@@ -306,9 +306,10 @@ def test_correlation_edge_cases():
     r, lo, hi, n = correlation(np.array([1.0, 2.0, np.nan, 4.0, 5.0]), np.array([2.0, 1.0, 3.0, np.inf, 7.0]))
     assert n == 3 and math.isfinite(r) and math.isnan(lo) and math.isnan(hi)  # n < 4: no interval
     assert math.isnan(correlation(np.ones(10), np.arange(10.0))[0])  # a constant column
-    cm = correlation_matrix({"a": np.arange(6.0), "b": np.arange(6.0) ** 2, "c": np.full(6, np.nan)})
+    cm = correlation_matrix({"a": np.arange(6.0), "b": np.arange(6.0) ** 2, "c": np.full(6, np.nan), "d": np.ones(6)})
     assert cm.r[0, 1] == 1.0 and cm.n[0, 1] == 6 and math.isnan(cm.r[2, 2]) and cm.n[0, 2] == 0
-    assert len(cm.rows()) == 3
+    assert cm.r[0, 0] == 1.0 and math.isnan(cm.r[3, 3]) and cm.n[3, 3] == 6  # a constant column correlates with nothing
+    assert len(cm.rows()) == 6
     with pytest.raises(ValueError, match="method"):
         correlation(np.arange(5.0), np.arange(5.0), "kendall")
 

@@ -94,6 +94,9 @@ def eigenvalue_figure(spectra: list[tuple[str, np.ndarray, np.ndarray, np.ndarra
         if len(real) > max_points:
             keep = rng.choice(len(real), size=max_points, replace=False)
             real, imag, residual = real[keep], imag[keep], residual[keep]
+        if not len(real):
+            _no_data(ax, f"{label}\nno spectrum (all responses < 3 tokens)")
+            continue
         ax.plot(np.cos(theta), np.sin(theta), color="0.3", lw=1.0, ls="--", label="unit circle")
         ax.axhline(0, color="0.85", lw=0.6, zorder=0)
         ax.axvline(0, color="0.85", lw=0.6, zorder=0)
@@ -104,9 +107,6 @@ def eigenvalue_figure(spectra: list[tuple[str, np.ndarray, np.ndarray, np.ndarra
             order = np.argsort(residual[seen])[::-1]  # low residual (trustworthy modes) drawn on top
             mappable = ax.scatter(real[seen][order], imag[seen][order], c=residual[seen][order], cmap="viridis_r",
                                   norm=norm, s=9, alpha=0.75, edgecolors="none")
-        if not len(real):
-            _no_data(ax, f"{label}\nno spectrum (all responses < 3 tokens)")
-            continue
         reach = max(1.05, float(np.max(np.hypot(real, imag))) * 1.05)
         ax.set_xlim(-reach, reach)
         ax.set_ylim(-reach, reach)

@@ -211,7 +211,7 @@ def write_html(analysis: "Analysis", path: Path) -> Path:
         parts.append("<p><b>dispersion</b>: not drawn; it needs at least 2 responses per prompt (--samples).</p>")
     parts.append("<h2>Definitions</h2><dl>")
     for title, text in _DEFINITIONS:
-        body = text.format(window=s.window, stride=s.stride, ridge=s.ridge, method=cfg.method)
+        body = text.format(window=s.window, stride=s.stride, ridge=s.ridge, method=cfg.method.capitalize())
         parts.append(f"<dt>{html.escape(title)}</dt><dd>{body}</dd>")
     parts.append("</dl><h2>Files</h2><ul>")
     for name, file in analysis.files.items():

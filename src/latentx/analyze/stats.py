@@ -128,15 +128,16 @@ class CorrelationMatrix:
 
 
 def correlation_matrix(columns: dict[str, np.ndarray], method: Method = "spearman", level: float = 0.95) -> CorrelationMatrix:
-    """All pairwise :func:`correlation` s of ``columns`` (the diagonal is 1 with n = finite count)."""
+    """All pairwise :func:`correlation` s of ``columns`` (the diagonal: 1, NaN for a constant column; n = finite count)."""
     names = list(columns)
     k = len(names)
     r, low, high = (np.full((k, k), np.nan) for _ in range(3))
     n = np.zeros((k, k), dtype=np.int64)
     for i in range(k):
-        finite = int(np.isfinite(np.asarray(columns[names[i]], dtype=np.float64)).sum())
-        r[i, i] = low[i, i] = high[i, i] = 1.0 if finite >= 2 else np.nan
-        n[i, i] = finite
+        values = np.asarray(columns[names[i]], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        r[i, i] = low[i, i] = high[i, i] = 1.0 if len(np.unique(values)) >= 2 else np.nan  # NaN: constant column
+        n[i, i] = len(values)
         for j in range(i + 1, k):
             value = correlation(columns[names[i]], columns[names[j]], method, level)
             r[i, j], low[i, j], high[i, j], n[i, j] = value
