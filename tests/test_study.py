@@ -69,7 +69,7 @@ def test_study_runs_reports_and_resumes(tmp_path):
     report = (out / "report.md").read_text()
     assert "| grpo |" in report and "| verl |" in report and "| starting policy |" in report
     assert "Differences against grpo" in report and "low power" in report
-    assert "Pass@4" in report and "paired t p" in report
+    assert "Pass@4" in report and "paired t p" in report and "Steps with a learning signal" in report
     summary = results["summary"]["verl"]
     assert summary["seeds"] == [0, 1] and len(summary["pass_curve"]["mean"]) == 4
     assert summary["mean@1_greedy"]["n"] == 2
@@ -82,10 +82,12 @@ def test_study_runs_reports_and_resumes(tmp_path):
     stamp = done.stat().st_mtime_ns
     (out / "runs" / "verl" / "s1" / "study_eval.json").unlink()
     again = run_study(base, study, out, progress=False)
-    assert again["runs_this_invocation"] == 1
+    assert again["invocations"][-1]["runs"] == 1
     assert done.stat().st_mtime_ns == stamp
     assert again["summary"]["verl"]["mean@4"] == results["summary"]["verl"]["mean@4"]
-    assert run_study(base, study, out, progress=False)["runs_this_invocation"] == 0
+    third = run_study(base, study, out, progress=False)
+    assert [inv["runs"] for inv in third["invocations"]] == [4, 1, 0]
+    assert "over 2 invocation(s)" in (out / "report.md").read_text()  # the idle rerun adds no wall time
 
     # A changed setting must not silently mix into existing run directories.
     changed, _ = load_study_config(None, TINY + ["optim.lr=0.01"])

@@ -515,11 +515,13 @@ def run_study(base: "TrainConfig", study: StudyConfig, out: str | os.PathLike, p
     outcomes = run_jobs(list(jobs.values()), study.workers, "study", progress)
     phases["runs"] = time.perf_counter() - started - phases["prepare"] - phases["tuning"]
     results = aggregate(base, study, jobs, start_eval, choice)
-    results["wall_time_s"] = time.perf_counter() - started
-    results["phases_s"] = phases
-    results["runs_this_invocation"] = len(outcomes)
-    results["tuning_runs_this_invocation"] = tuning_runs
-    results["workers"] = max(1, study.workers or available_cores())
+    invocation = {"finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  "wall_time_s": time.perf_counter() - started, "phases_s": phases, "runs": len(outcomes),
+                  "tuning_runs": tuning_runs, "workers": max(1, study.workers or available_cores())}
+    with open(out / "invocations.jsonl", "a") as fh:
+        fh.write(json.dumps(invocation) + "\n")
+    results["invocations"] = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines() if line]
+    results["wall_time_s"] = invocation["wall_time_s"]
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     plots = write_plots(results, out / "plots")
     write_report(results, out, plots)
@@ -574,6 +576,8 @@ def aggregate(base: "TrainConfig", study: StudyConfig, jobs: dict[tuple[str, int
         record["pass_curve"] = pass_at_k_curve(ev["correct_counts"], ev["n"]).tolist()
         record["train_time_s"] = float(sum(r.get("time_step", 0.0) for r in rows))
         record["eval_time_s"] = float(ev.get("time_s", 0.0))
+        # steps whose advantages were not all zero: the policy gradient had something to follow
+        record["signal_steps"] = float(np.mean([r.get("adv_abs_mean", 0.0) > 0 for r in rows])) if rows else 0.0
         tail = max(1, len(rows) // 10)
         for key, _ in SIGNALS:
             series = [float(r[key]) for r in rows if key in r]
@@ -600,6 +604,7 @@ def aggregate(base: "TrainConfig", study: StudyConfig, jobs: dict[tuple[str, int
                 series = np.array([_smooth(runs[s][f"{key}_series"][:length], width) for s in seeds])
                 band = [_interval_dict(col.tolist(), level) for col in series.T]
                 entry[f"{key}_trajectory"] = {k: [b[k] for b in band] for k in ("mean", "low", "high")}
+        entry["signal_steps"] = _interval_dict([runs[s]["signal_steps"] for s in seeds], level)
         entry["seeds"] = seeds
         summary[objective] = entry
 
@@ -780,6 +785,19 @@ def _fmt_signed(value: float, digits: int = 3) -> str:
     return "n/a" if math.isnan(value) else f"{value:+.{digits}f}"
 
 
+def _wall_time_line(invocations: list[dict[str, Any]]) -> str:
+    """The study's wall time, summed over the invocations that trained or evaluated something."""
+    working = [inv for inv in invocations if inv["runs"] or inv["tuning_runs"]] or invocations[-1:]
+    total = sum(inv["wall_time_s"] for inv in working)
+    phases = {k: sum(inv["phases_s"][k] for inv in working) for k in ("prepare", "tuning", "runs")}
+    runs = sum(inv["runs"] for inv in working)
+    tuning = sum(inv["tuning_runs"] for inv in working)
+    return (f"Wall time: {total / 60:.1f} min over {len(working)} invocation(s) with "
+            f"{working[-1]['workers']} worker(s): warm start and starting-policy evaluation "
+            f"{phases['prepare'] / 60:.1f} min, tuning {phases['tuning'] / 60:.1f} min ({tuning} runs), "
+            f"study {phases['runs'] / 60:.1f} min ({runs} runs); see `invocations.jsonl`.")
+
+
 def _verdicts(comparisons: list[dict[str, Any]], baseline: str, alpha: float) -> list[str]:
     """One bullet per objective: the direction of each final-metric difference and whether it is significant."""
     bullets = []
@@ -817,12 +835,22 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
         f"(Pass@k for k = 1..{s['n']} from per-problem correct counts). "
         f"Numbers are mean ± half-width of the {level} % t confidence interval over {len(seeds)} seeds.",
         "",
-        f"Wall time of this invocation: {results['wall_time_s'] / 60:.1f} min with {results['workers']} "
-        f"worker(s) (warm start and starting-policy evaluation {results['phases_s']['prepare'] / 60:.1f} min, "
-        f"tuning {results['phases_s']['tuning'] / 60:.1f} min for {results['tuning_runs_this_invocation']} runs, "
-        f"study {results['phases_s']['runs'] / 60:.1f} min for {results['runs_this_invocation']} runs; "
-        "runs finished by an earlier invocation are skipped and not counted).",
+        _wall_time_line(results["invocations"]),
         "",
+    ]
+    start_rate = results["start"][f"mean@{s['n']}"]
+    signal = {o: e["signal_steps"]["mean"] for o, e in summary.items()}
+    if start_rate < 0.01 or min(signal.values()) < 0.25:
+        lines += [
+            f"> **Warning: little learning signal.** The starting policy solves {100 * start_rate:.2f} % of its "
+            "samples, and only " + ", ".join(f"{100 * v:.0f} % ({o})" for o, v in signal.items())
+            + " of RL steps had a non-zero advantage. GRPO-style objectives learn only from groups with both "
+            "right and wrong responses, so with this warm start every objective barely moves and their "
+            "differences say little about exploration. Strengthen the warm start (or use an easier task) "
+            "before drawing conclusions.",
+            "",
+        ]
+    lines += [
         "## Final held-out metrics",
         "",
         "| objective | " + " | ".join(label for _, label in headline) + " |",
@@ -870,6 +898,8 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
     signal_rows = [(key, label) for key, label in SIGNALS if any(f"{key}_final" in e for e in summary.values())]
     if signal_rows:
         lines += ["", "## Training signals", "",
+                  "Steps with a learning signal (non-zero advantages): "
+                  + ", ".join(f"{o} {_fmt_ci(e['signal_steps'], 2)}" for o, e in summary.items()) + ".", "",
                   f"Mean over the last 10 % of steps of each run, then over seeds ({level} % CI); "
                   f"the trajectories are in `plots/signals.png`. Differences against {baseline}: paired t p in brackets.", "",
                   "| objective | " + " | ".join(label for _, label in signal_rows) + " |",
@@ -989,4 +1019,4 @@ def study_command(
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     typer.echo((out / "report.md").read_text())
-    typer.echo(f"study directory: {out}  (wall time {results['wall_time_s'] / 60:.1f} min)")
+    typer.echo(f"study directory: {out}  (this invocation: {results['wall_time_s'] / 60:.1f} min)")
