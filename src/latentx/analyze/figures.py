@@ -255,7 +255,7 @@ def prefix_figure(examples: list[PrefixExample]) -> Figure:
             s = e.series
             offset = s.tail_start  # plot against the token position in the whole response
             ax.plot(offset + s.dense_sizes, s.dense_er, color="0.55", lw=1.2, label="ER of prefix")
-            for k, size in enumerate(s.window_sizes):
+            for size in s.window_sizes:
                 ax.axvline(offset + size, color="#7570b3", lw=0.6, ls=":", alpha=0.8)
             ax.plot(offset + s.window_sizes, s.window_er, "o-", color="#7570b3", ms=4, lw=1.2,
                     label=f"windows $m_k$ (stride {s.stride})")

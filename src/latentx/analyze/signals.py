@@ -208,15 +208,76 @@ def compute_model_signals(
     Adam, lr 1e-4, mini-batches of 64, residual loss; ``settings.fit_epochs`` passes; seed
     ``settings.fit_seed``), exactly as ``latentx train`` does on its first step.
     """
-    from tqdm.auto import tqdm
-
     if not instances:
         raise ValueError("instances must not be empty")
     timings = {"sample": 0.0, "forward": 0.0, "signals": 0.0, "fit": 0.0}
     cpu_start = time.process_time()
+    torch.manual_seed(seed)
+    kept, cols = _rollout(label, model, tokenizer, task, instances, samples, max_new_tokens, settings, temperature,
+                          top_p, timings, progress)
+    lengths = np.asarray(cols["length"])
+    hidden_size = kept[0][0].shape[-1]
+
+    t0 = time.perf_counter()
+    if dictionary is None:
+        dictionary, dictionary_source = _fit_dictionary(kept, lengths, settings, progress)
+    elif dictionary.hidden_size != hidden_size:
+        raise ValueError(
+            f"model {label!r}: the Koopman dictionary ({dictionary_source}) expects hidden size "
+            f"{dictionary.hidden_size} but the model's hidden states have {hidden_size}"
+        )
+    timings["fit"] = time.perf_counter() - t0
+    m = dictionary.m if dictionary is not None else settings.m
+
+    t0 = time.perf_counter()
+    dsd_raw, eigvals, residuals = _koopman_signals(kept, dictionary, m, settings)
+    matched = matched_lengths(np.asarray(cols["prompt_index"]), lengths)
+    dsd_matched, eig_matched, _ = _koopman_signals(kept, dictionary, m, settings, limit=matched)
+    er_matched = np.concatenate([
+        dynamics.effective_rank(hidden, _truncate(mask, limit)).double().numpy()
+        for (hidden, mask), limit in zip(kept, _split(matched, kept))
+    ])
+    timings["signals"] += time.perf_counter() - t0
+
+    # undefined values -> NaN (module docstring)
+    windows = window_counts(lengths, settings.stride, settings.window)
+    short = lengths < 3
+    cols["er"] = np.where(lengths < 2, np.nan, cols["er"]).tolist()
+    cols["erv"] = np.where(windows < 2, np.nan, cols["erv"]).tolist()
+    cols["era"] = np.where(windows < 3, np.nan, cols["era"]).tolist()
+    cols["dsd"] = np.where(short, np.nan, dsd_raw).tolist()
+    cols["matched_length"] = matched.tolist()
+    cols["er_matched"] = np.where(matched < 3, np.nan, er_matched).tolist()
+    cols["dsd_matched"] = np.where(matched < 3, np.nan, dsd_matched).tolist()
+    eigvals[short] = np.nan
+    residuals[short] = np.nan
+    moduli = np.abs(eigvals)  # sorted by decreasing modulus (koopman_spectrum)
+    cols["spectral_radius"] = moduli[:, 0].tolist()
+    with np.errstate(invalid="ignore"):
+        finite = np.where(np.isfinite(residuals), residuals, np.nan)
+        cols["median_residual"] = [float(np.nanmedian(r)) if np.isfinite(r).any() else math.nan for r in finite]
+    cols["windows"] = windows.tolist()
+    cols["response_id"] = list(range(len(lengths)))
+
+    rows = [(h[j], mk[j]) for h, mk in kept for j in range(h.shape[0])]
+    series = {i: prefix_effective_ranks(rows[i][0][rows[i][1]], settings.stride, settings.window)
+              for i in _pick_examples(cols, windows, settings.examples)}
+    timings["cpu"] = time.process_time() - cpu_start  # CPU seconds of all threads (the others are wall times)
+    matched_moduli = np.where((matched < 3)[:, None], np.nan, np.abs(eig_matched))
+    return ModelSignals(label, spec, hidden_size, m, dictionary_source, cols, moduli, matched_moduli,
+                        _eigen_columns(cols, eigvals, residuals, short), series, timings,
+                        _notes(label, cols, short, windows, settings.stride))
+
+
+def _rollout(label: str, model, tokenizer, task, instances: list, samples: int, max_new_tokens: int,
+             settings: SignalSettings, temperature: float, top_p: float, timings: dict[str, float],
+             progress: bool) -> tuple[list[tuple[Tensor, Tensor]], dict[str, list]]:
+    """Sample and run one forward per chunk; returns the hidden states (CPU float32, with masks) per chunk and
+    the columns that need only that forward (length, entropy, confidence, ER / ERV / ERA, reward, ...)."""
+    from tqdm.auto import tqdm
+
     prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
     default_correct = type(task).is_correct is Task.is_correct  # reward >= 1: grade each response once
-    torch.manual_seed(seed)
     kept: list[tuple[Tensor, Tensor]] = []
     cols: dict[str, list] = {k: [] for k in ("prompt_index", "sample_index", "length", "entropy", "confidence",
                                               "er", "erv", "era", "reward", "correct", "text")}
@@ -249,91 +310,54 @@ def compute_model_signals(
         cols["er"].extend(rd.er.tolist())
         cols["erv"].extend(rd.erv.tolist())
         cols["era"].extend(rd.era.tolist())
+    return kept, cols
 
-    notes: list[str] = []
-    lengths = np.asarray(cols["length"])
-    n = len(lengths)
-    hidden_size = kept[0][0].shape[-1]
-    t0 = time.perf_counter()
-    if dictionary is None:
-        if (lengths >= 3).any():
-            H, M = _pad_cat(kept)
-            dictionary = dynamics.KoopmanDictionary(hidden_size, m=settings.m, seed=settings.fit_seed)
-            rc = RelaxConfig()
-            dictionary.fit(H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, epochs=settings.fit_epochs,
-                           loss=rc.fit_loss, ridge=settings.ridge, scaling=settings.scaling, progress=progress)
-            dictionary.requires_grad_(False)
-            dictionary_source = f"fitted on these {n} trajectories ({dictionary.steps_} Adam steps)"
-        else:
-            dictionary_source = "none (no response has the 3 tokens a Koopman fit needs)"
-    elif dictionary.hidden_size != hidden_size:
-        raise ValueError(
-            f"model {label!r}: the Koopman dictionary ({dictionary_source}) expects hidden size "
-            f"{dictionary.hidden_size} but the model's hidden states have {hidden_size}"
-        )
-    timings["fit"] = time.perf_counter() - t0
-    m = dictionary.m if dictionary is not None else settings.m
 
-    t0 = time.perf_counter()
-    dsd_raw, eigvals, residuals = _koopman_signals(kept, dictionary, m, settings)
-    matched = matched_lengths(np.asarray(cols["prompt_index"]), lengths)
-    dsd_matched, eig_matched, _ = _koopman_signals(kept, dictionary, m, settings, limit=matched)
-    er_matched = np.concatenate([
-        dynamics.effective_rank(hidden, _truncate(mask, limit)).double().numpy()
-        for (hidden, mask), limit in zip(kept, _split(matched, kept))
-    ])
-    timings["signals"] += time.perf_counter() - t0
+def _fit_dictionary(kept: list[tuple[Tensor, Tensor]], lengths: np.ndarray, settings: SignalSettings,
+                    progress: bool) -> tuple[dynamics.KoopmanDictionary | None, str]:
+    """A dictionary fitted on these trajectories as ``latentx train`` fits it, and its description."""
+    if not (lengths >= 3).any():
+        return None, "none (no response has the 3 tokens a Koopman fit needs)"
+    H, M = _pad_cat(kept)
+    dictionary = dynamics.KoopmanDictionary(H.shape[-1], m=settings.m, seed=settings.fit_seed)
+    rc = RelaxConfig()
+    dictionary.fit(H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, epochs=settings.fit_epochs, loss=rc.fit_loss,
+                   ridge=settings.ridge, scaling=settings.scaling, progress=progress)
+    dictionary.requires_grad_(False)
+    return dictionary, f"fitted on these {len(lengths)} trajectories ({dictionary.steps_} Adam steps)"
 
-    windows = window_counts(lengths, settings.stride, settings.window)
-    short_dsd = lengths < 3
-    cols["dsd"] = np.where(short_dsd, np.nan, dsd_raw).tolist()
-    cols["matched_length"] = matched.tolist()
-    cols["er_matched"] = np.where(matched < 3, np.nan, er_matched).tolist()
-    cols["dsd_matched"] = np.where(matched < 3, np.nan, dsd_matched).tolist()
-    cols["er"] = np.where(lengths < 2, np.nan, cols["er"]).tolist()
-    cols["erv"] = np.where(windows < 2, np.nan, cols["erv"]).tolist()
-    cols["era"] = np.where(windows < 3, np.nan, cols["era"]).tolist()
-    eigvals[short_dsd] = np.nan
-    residuals[short_dsd] = np.nan
-    moduli = np.abs(eigvals)  # sorted by decreasing modulus (koopman_spectrum)
-    cols["spectral_radius"] = moduli[:, 0].tolist() if m else [math.nan] * n
-    finite_res = np.where(np.isfinite(residuals), residuals, np.nan)
-    with np.errstate(invalid="ignore"):
-        cols["median_residual"] = [float(np.nanmedian(r)) if np.isfinite(r).any() else math.nan for r in finite_res]
-    cols["windows"] = windows.tolist()
-    cols["response_id"] = list(range(n))
 
-    eigen: dict[str, list] = {"response_id": [], "prompt_index": [], "mode": [], "real": [], "imag": [],
-                              "modulus": [], "residual": [], "correct": []}
-    for i in np.nonzero(~short_dsd)[0]:
-        eigen["response_id"].extend([int(i)] * m)
-        eigen["prompt_index"].extend([cols["prompt_index"][i]] * m)
-        eigen["mode"].extend(range(m))
-        eigen["real"].extend(eigvals[i].real.tolist())
-        eigen["imag"].extend(eigvals[i].imag.tolist())
-        eigen["modulus"].extend(moduli[i].tolist())
-        eigen["residual"].extend(residuals[i].tolist())
-        eigen["correct"].extend([cols["correct"][i]] * m)
+def _eigen_columns(cols: dict[str, list], eigvals: np.ndarray, residuals: np.ndarray, short: np.ndarray) -> dict[str, list]:
+    """The long-format eigenvalue table: one row per mode of every response that has a spectrum."""
+    m = eigvals.shape[1]
+    eigen: dict[str, list] = {k: [] for k in ("response_id", "prompt_index", "mode", "real", "imag", "modulus",
+                                              "residual", "correct")}
+    for i in np.nonzero(~short)[0]:
+        eigen["response_id"] += [int(i)] * m
+        eigen["prompt_index"] += [cols["prompt_index"][i]] * m
+        eigen["mode"] += list(range(m))
+        eigen["real"] += eigvals[i].real.tolist()
+        eigen["imag"] += eigvals[i].imag.tolist()
+        eigen["modulus"] += np.abs(eigvals[i]).tolist()
+        eigen["residual"] += residuals[i].tolist()
+        eigen["correct"] += [cols["correct"][i]] * m
+    return eigen
 
-    empty = sum(1 for t in cols["text"] if not t.strip())
-    if short_dsd.all():
+
+def _notes(label: str, cols: dict[str, list], short: np.ndarray, windows: np.ndarray, stride: int) -> list[str]:
+    """Messages about responses whose signals are undefined."""
+    n, empty = len(short), sum(1 for t in cols["text"] if not t.strip())
+    notes = []
+    if short.all():
         notes.append(f"model {label!r}: all {n} responses have fewer than 3 tokens ({empty} with empty text); "
                      "no ER / DSD / spectrum could be computed for it (NaN in the tables)")
-    elif short_dsd.any() or empty:
-        notes.append(f"model {label!r}: {int(short_dsd.sum())} of {n} responses have fewer than 3 tokens and "
+    elif short.any() or empty:
+        notes.append(f"model {label!r}: {int(short.sum())} of {n} responses have fewer than 3 tokens and "
                      f"{empty} have empty text; their undefined signals are NaN")
-    if (windows < 2).all() and not short_dsd.all():
-        notes.append(f"model {label!r}: no response reaches the {2 * settings.stride + 1} tokens that ERV needs "
-                     f"(stride {settings.stride}); lower --stride or raise --max-new-tokens")
-
-    examples = _pick_examples(cols, windows, settings.examples)
-    by_response = [(h[j], mk[j]) for h, mk in kept for j in range(h.shape[0])]
-    series = {i: prefix_effective_ranks(by_response[i][0][by_response[i][1]], settings.stride, settings.window)
-              for i in examples}
-    timings["cpu"] = time.process_time() - cpu_start  # CPU seconds of all threads (wall times above)
-    matched_moduli = np.where((matched < 3)[:, None], np.nan, np.abs(eig_matched))
-    return ModelSignals(label, spec, hidden_size, m, dictionary_source, cols, moduli, matched_moduli, eigen, series,
-                        timings, notes)
+    if (windows < 2).all() and not short.all():
+        notes.append(f"model {label!r}: no response reaches the {2 * stride + 1} tokens that ERV needs "
+                     f"(stride {stride}); lower --stride or raise --max-new-tokens")
+    return notes
 
 
 def matched_lengths(groups: np.ndarray, lengths: np.ndarray, minimum: int = 3) -> np.ndarray:
