@@ -24,9 +24,10 @@ from latentx.analyze.stats import (
 )
 from latentx.cli import app
 from latentx.dynamics import KoopmanDictionary, rank_dynamics
-from latentx.models import build_tiny_model
+from latentx.models import TinyModelConfig, build_tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_WIDTH = TinyModelConfig().hidden_size  # the built-in tiny model's hidden size d
 L = 24  # max new tokens of the tiny runs: stride 3, m 8
 
 
@@ -73,7 +74,7 @@ def tiny_report(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("analyze")
-    run = _fake_run(root / "run", KoopmanDictionary(128, m=5, seed=3))
+    run = _fake_run(root / "run", KoopmanDictionary(TINY_WIDTH, m=5, seed=3))
     _save_tiny(root / "eos_only", only_eos=True)
     cfg = AnalyzeConfig(models=["tiny", f"trained={run}", f"empty={root / 'eos_only'}"], out=str(root / "report"),
                         prompts=3, samples=3, max_new_tokens=L, seed=0, examples=2)
@@ -263,10 +264,10 @@ def test_cli_option_errors(tmp_path):
 
 def test_dictionary_of_the_wrong_size_names_the_model(tmp_path, one_thread):
     path = tmp_path / "koopman.safetensors"
-    KoopmanDictionary(64, m=4).save(path)
+    KoopmanDictionary(TINY_WIDTH + 1, m=4).save(path)
     cfg = AnalyzeConfig(models=["tiny"], dictionaries=[str(path)], out=str(tmp_path / "o"), prompts=1, samples=1,
                         max_new_tokens=6)
-    with pytest.raises(AnalysisError, match="no model could be analysed.*'tiny'.*hidden size 64.*128"):
+    with pytest.raises(AnalysisError, match=f"no model could be analysed.*'tiny'.*hidden size {TINY_WIDTH + 1}.*{TINY_WIDTH}"):
         run_analysis(cfg, progress=False, log=lambda _: None)
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from latentx import dynamics
+from latentx.objectives.base import per_response_mean
 from latentx.objectives.relax import RelaxConfig
 from latentx.rollout import Sequences, policy_forward, sample_responses
 from latentx.tasks import Task
@@ -167,9 +168,9 @@ class ModelSignals:
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    count = mask.sum(dim=1)
-    total = torch.where(mask, values.float(), torch.zeros((), dtype=torch.float32)).sum(dim=1)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+    """Mean over each response's valid tokens; NaN (not 0) for a response without any."""
+    mean = per_response_mean(values.float(), mask)
+    return torch.where(mask.any(dim=1), mean, torch.full_like(mean, math.nan))
 
 
 def _chunks(n_prompts: int, samples: int, batch_size: int) -> list[slice]:
