@@ -117,16 +117,21 @@ def test_tuning_picks_per_objective_on_validation_seeds(tmp_path):
     assert (out / "plots" / "tuning.png").is_file() and results["tuning"]["metric"] == "mean@1_greedy"
 
 
-def test_study_eval_matches_the_trainer_evaluation(tmp_path):
+def test_study_eval_counts_agree_with_the_trainer_numbers(tmp_path, monkeypatch):
+    from latentx.stats import pass_at_k_curve
+
     base, _ = load_study_config(None, TINY)
     cfg = resolve_config(base)
     cfg.out = str(tmp_path / "run")
     trainer = Trainer(cfg, progress=False)
-    ours = evaluate_policy(trainer.model, trainer.tokenizer, trainer.task, cfg)
-    theirs = trainer.evaluate()
-    for key, value in theirs.items():
-        assert ours[key] == value, key
-    assert sum(ours["correct_counts"]) / (4 * 4) == pytest.approx(ours["mean@4"])
+    ev = evaluate_policy(trainer)
+    assert len(ev["correct_counts"]) == 4 and ev["seed"] == cfg.eval.seed and ev["time_s"] > 0
+    assert sum(ev["correct_counts"]) / (4 * 4) == pytest.approx(ev["mean@4"])
+    curve = pass_at_k_curve(ev["correct_counts"], 4)
+    assert [ev["pass@k"][str(k)] for k in (1, 2, 4)] == pytest.approx([curve[0], curve[1], curve[3]])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"mean@1_greedy": 0.0})
+    with pytest.raises(StudyError, match="correct_counts"):
+        evaluate_policy(trainer)
 
 
 def test_study_config_errors():

@@ -14,11 +14,11 @@ sure they are:
 3. **Run**: every objective × study seed, in parallel processes (spawn; one torch thread each when
    there are several workers).  A run directory with ``summary.json`` and ``study_eval.json`` is done
    and skipped; one with checkpoints resumes where it stopped.
-4. **Evaluate**: each finished run is evaluated once on the held-out instances with the trainer's
-   protocol (Mean@1 greedy, ``eval.n`` samples at ``eval.temperature``), keeping the per-problem correct
-   counts, so the Pass@k curve is known for every k = 1..n (``study_eval.json``).  The trainer's own
-   final evaluation is switched off in study runs: it does not keep the counts and would re-evaluate
-   the shared starting policy in every run.
+4. **Evaluate**: each finished run is evaluated once on the held-out instances by ``Trainer.evaluate``
+   (Mean@1 greedy, ``eval.n`` samples at ``eval.temperature``) whose per-problem correct counts give the
+   Pass@k curve for every k = 1..n (``study_eval.json``).  The study calls it itself rather than through
+   ``Trainer.run`` (``eval.enabled`` is false in study runs), because ``run`` would also re-evaluate the
+   shared starting policy in every run; the study evaluates that once.
 5. **Report**: per objective, mean and t confidence interval over seeds of the final metrics, the Pass@k
    curve and the training signals (token entropy, DSD, ER); differences against the baseline paired
    by seed (paired t-test, Wilcoxon signed-rank, Holm-adjusted); plots and ``report.md``.
@@ -209,47 +209,15 @@ def load_study_config(path: str | os.PathLike | None, overrides: list[str] = ())
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate_policy(model, tokenizer, task, cfg: "TrainConfig") -> dict[str, Any]:
-    """The trainer's held-out evaluation (same instances, seeds and numbers as ``Trainer.evaluate``)
-    plus ``correct_counts`` and ``distinct_correct_counts`` per problem and the greedy correctness."""
-    import numpy as np
-    import torch
-
-    from latentx.metrics import pass_at_k
-    from latentx.rollout import sample_responses
-
-    ec, rc = cfg.eval, cfg.rollout
+def evaluate_policy(trainer) -> dict[str, Any]:
+    """``Trainer.evaluate`` of the trainer's current policy (held-out Mean@1 greedy, Mean@n, Pass@k and
+    the per-problem ``correct_counts``), with the eval seed and the time it took."""
     start = time.perf_counter()
-    instances = task.eval_instances(ec.instances, seed=ec.seed)
-    prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
-    model.eval()
-    state = torch.get_rng_state()
-    torch.manual_seed(ec.seed)
-    greedy = sample_responses(model, tokenizer, prompts, 1, rc.max_new_tokens, temperature=0.0,
-                              generation_batch_size=rc.generation_batch_size)
-    sampled = sample_responses(model, tokenizer, prompts, ec.n, rc.max_new_tokens, temperature=ec.temperature,
-                               top_p=rc.top_p, generation_batch_size=rc.generation_batch_size)
-    torch.set_rng_state(state)
-    greedy_correct = [bool(task.is_correct(inst, text)) for inst, text in zip(instances, greedy.texts)]
-    counts, distinct = [], []
-    for i, inst in enumerate(instances):
-        texts = sampled.texts[i * ec.n:(i + 1) * ec.n]
-        right = [text for text in texts if task.is_correct(inst, text)]
-        counts.append(len(right))
-        distinct.append(len({text.strip() for text in right}))
-    return {
-        "instances": len(instances),
-        "n": ec.n,
-        "seed": ec.seed,
-        "mean@1_greedy": float(np.mean(greedy_correct)),
-        f"mean@{ec.n}": float(np.mean(counts)) / ec.n,
-        "pass@k": {str(k): float(np.mean([pass_at_k(ec.n, c, k) for c in counts])) for k in ec.ks},
-        "distinct_correct_per_problem": float(np.mean(distinct)),
-        "correct_counts": counts,
-        "distinct_correct_counts": distinct,
-        "greedy_correct": greedy_correct,
-        "time_s": time.perf_counter() - start,
-    }
+    result = trainer.evaluate()
+    if "correct_counts" not in result:
+        raise StudyError("Trainer.evaluate returned no per-problem correct_counts; the study needs them for Pass@k")
+    result.update(seed=trainer.cfg.eval.seed, time_s=time.perf_counter() - start)
+    return result
 
 
 def check_metric(name: str, n: int) -> None:
@@ -330,7 +298,7 @@ def _execute(job: Job) -> dict[str, Any]:
         if not (run_dir / EVAL_FILE).is_file():
             if trainer is None:  # trained earlier: the latest checkpoint is the final policy
                 trainer = Trainer(job.cfg, progress=False, log=log)
-            result = evaluate_policy(trainer.model, trainer.tokenizer, trainer.task, job.cfg)
+            result = evaluate_policy(trainer)
             atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=1))
     except Exception:  # noqa: BLE001 - one failed run must not take the others down
         text = traceback.format_exc()
@@ -447,7 +415,7 @@ def prepare(base: "TrainConfig", out: Path, progress: bool = True) -> dict[str, 
         stored = json.loads(path.read_text())
         if stored.get("identity") == identity:
             return stored
-    result = evaluate_policy(trainer.model, trainer.tokenizer, trainer.task, cfg)
+    result = evaluate_policy(trainer)
     result["warm_start"] = {k: v for k, v in trainer.warm_info.items() if k in ("key", "steps", "final_loss", "cache_path")}
     result["identity"] = identity
     atomic_write_text(path, json.dumps(result, indent=1))
