@@ -44,11 +44,13 @@ _CACHE_FORMAT = 1  # bump when the SFT procedure changes, so old cache entries a
 
 @dataclass
 class WarmStartConfig:
-    """Supervised warm start before RL (defaults tuned for the tiny model on 3-number countdown:
-    about 10-25 % Mean@8 after well under a minute on 2 CPU cores)."""
+    """Supervised warm start before RL.
+
+    Defaults are tuned for the tiny model on 3-number countdown: ~15 % Mean@8 / ~60 % Pass@8 on held-out
+    prompts after ~120 CPU seconds (1500 steps: ~6 % Mean@8; 1000 steps: ~1 %)."""
 
     enabled: bool = True
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
