@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Spinning OpenMP threads waste most of the CPU when cores are shared (measured here: one forward +
+# backward of the tiny model took 0.7-3.3 CPU-s instead of 0.15 s); must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Optional
 

@@ -133,12 +133,13 @@ def sample_responses(
     width = max(width, 1)
     response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
 
-    # Valid response tokens: everything up to and including the first EOS.
-    is_eos = response == eos_id if eos_id is not None else torch.zeros_like(response, dtype=torch.bool)
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    response_mask = ~after_eos
-    if response.shape[1] > 0 and pad_id != eos_id:
-        response_mask &= response != pad_id
+    # Valid response tokens: everything up to and including the first EOS (``generate`` pads finished
+    # rows after it).  A pad token sampled mid-response is a real sampled token and stays valid.
+    if eos_id is not None:
+        is_eos = response == eos_id
+        response_mask = ~((is_eos.long().cumsum(1) - is_eos.long()) > 0)
+    else:  # no EOS: padding can only come from ``generate`` finishing a row by length elsewhere
+        response_mask = response != pad_id
     texts = tokenizer.batch_decode(response.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
     return Sequences(
         input_ids=torch.cat([prompt_ids, response], dim=1),
