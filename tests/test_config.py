@@ -33,6 +33,7 @@ def test_round_trip_yaml(tmp_path):
 
 
 def test_overrides_are_typed():
+    assert apply_overrides(Outer(), ["inner.alpha=5e-4"]).inner.alpha == 5e-4
     cfg = apply_overrides(Outer(), ["inner.alpha=2", "steps=7", "ks=1,2,8", "flag=true", "inner.threshold=null"])
     assert cfg.inner.alpha == 2.0 and isinstance(cfg.inner.alpha, float)
     assert cfg.steps == 7 and cfg.ks == (1, 2, 8) and cfg.flag is True and cfg.inner.threshold is None
