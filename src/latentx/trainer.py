@@ -69,7 +69,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     updates_per_step: int = 1  # optimizer passes over each rollout batch (GRPO's μ)
@@ -124,7 +124,7 @@ class TrainConfig:
     """Everything a run needs; ``latentx train`` builds it from defaults, ``--config`` YAML and flags."""
 
     objective: Literal["grpo", "relax", "verl", "entropy_bonus", "kl_cov", "clip_cov"] = "relax"
-    steps: int = 60
+    steps: int = 100
     seed: int = 0
     out: str = ""  # default: runs/<objective>-<task>-s<seed>
     checkpoint_every: int = 20
