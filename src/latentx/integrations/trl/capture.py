@@ -19,30 +19,12 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from latentx.integrations.backbone import find_backbone, last_hidden_state
+
 __all__ = ["find_backbone", "completion_states", "capture_completion_states"]
 
 #: ``on_chunk(H [b, C, d], mask [b, C] bool)`` for every backbone call while capturing.
 ChunkCallback = Callable[[Tensor, Tensor], None]
-
-
-def find_backbone(model: nn.Module) -> nn.Module:
-    """The transformer backbone whose output TRL's fused LM head projects (PEFT- and wrapper-aware).
-
-    ``model`` may be the causal LM, a ``peft.PeftModel`` around it, or a DDP / DeepSpeed wrapper of
-    either (anything with a ``.module``).  PEFT keeps the backbone module object in place (it only swaps
-    layers inside it), so a hook on it also fires with adapters enabled or disabled.
-    """
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engines
-        model = model.module
-    if hasattr(model, "get_base_model"):  # peft.PeftModel -> the (adapter-injected) causal LM
-        model = model.get_base_model()
-    backbone = getattr(model, "base_model", None)
-    if not isinstance(backbone, nn.Module) or backbone is model:
-        raise ValueError(
-            f"cannot find the backbone of {type(model).__name__}: expected a transformers causal LM whose "
-            "`base_model` is the transformer body (what TRL's fused LM head calls)"
-        )
-    return backbone
 
 
 def completion_states(last_hidden_state: Tensor, logits_to_keep: int) -> Tensor:
@@ -53,15 +35,6 @@ def completion_states(last_hidden_state: Tensor, logits_to_keep: int) -> Tensor:
             f"got {last_hidden_state.shape[1]}"
         )
     return last_hidden_state[:, -(logits_to_keep + 1) : -1]
-
-
-def _last_hidden_state(output: object) -> Tensor:
-    state = getattr(output, "last_hidden_state", None)
-    if state is None and isinstance(output, (tuple, list)) and output:
-        state = output[0]
-    if not isinstance(state, Tensor):
-        raise TypeError(f"the backbone returned {type(output).__name__} without a last_hidden_state tensor")
-    return state
 
 
 @contextmanager
@@ -78,7 +51,7 @@ def capture_completion_states(backbone: nn.Module, logits_to_keep: int, on_chunk
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None or attention_mask.dim() != 2:
             raise ValueError("latentx needs the 2-D attention_mask TRL passes to the backbone to mask the completion")
-        states = completion_states(_last_hidden_state(output), logits_to_keep)
+        states = completion_states(last_hidden_state(output), logits_to_keep)
         on_chunk(states, attention_mask[:, -logits_to_keep:].to(torch.bool))
 
     handle = backbone.register_forward_hook(hook, with_kwargs=True)

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from latentx.integrations.backbone import find_backbone, last_hidden_state
+
 from latentx.dynamics import KoopmanDictionary, dsd, rank_dynamics
 from latentx.objectives import RelaxConfig, VerlConfig
 
@@ -44,36 +46,6 @@ __all__ = [
 SIGNAL_KEYS = ("latentx_er", "latentx_erv", "latentx_era", "latentx_dsd")
 
 
-def find_backbone(module: nn.Module) -> nn.Module:
-    """The transformer body of the (FSDP1/FSDP2/PEFT-wrapped) causal LM: its output is ``hidden_states[-1]``.
-
-    Unwraps FSDP1's ``.module`` and PEFT's ``get_base_model()``, then returns ``causal_lm.base_model`` (e.g.
-    ``Qwen2Model``), whose ``last_hidden_state`` is after the final norm.  PEFT swaps layers inside it but keeps
-    the module itself, so a hook on it sees the adapted forward.
-    """
-    seen = 0
-    while hasattr(module, "module") and isinstance(module.module, nn.Module) and seen < 8:
-        module, seen = module.module, seen + 1
-    if hasattr(module, "get_base_model"):
-        module = module.get_base_model()
-    backbone = getattr(module, "base_model", None)
-    if not isinstance(backbone, nn.Module) or backbone is module:
-        raise ValueError(
-            f"latentx cannot find the backbone of {type(module).__name__}: expected a transformers causal LM "
-            "whose `base_model` is the transformer body"
-        )
-    return backbone
-
-
-def _last_hidden_state(output: Any) -> Tensor:
-    state = getattr(output, "last_hidden_state", None)
-    if state is None and isinstance(output, (tuple, list)) and output:
-        state = output[0]
-    if not isinstance(state, Tensor):
-        raise TypeError(f"the backbone returned {type(output).__name__} without a last_hidden_state tensor")
-    return state
-
-
 class HiddenStateCapture:
     """Forward hook on the backbone that keeps the last ``last_hidden_state`` while :attr:`mode` is set.
 
@@ -89,7 +61,7 @@ class HiddenStateCapture:
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.mode is not None:
-            self._state = _last_hidden_state(output)
+            self._state = last_hidden_state(output)
 
     def pop(self) -> Tensor:
         state, self._state = self._state, None
