@@ -308,11 +308,12 @@ def _execute(job: Job) -> dict[str, Any]:
 
 
 def _check_same_config(job: Job) -> None:
-    """Refuse to resume a run directory that was made with different settings."""
+    """Refuse to resume a run directory that was made with different settings (its location aside)."""
     path = job.run_dir / "config.yaml"
     if not path.is_file():
         return
     old, new = yaml.safe_load(path.read_text()) or {}, to_dict(job.cfg)
+    old.pop("out", None), new.pop("out", None)  # a study directory may be moved or renamed
     if old != new:
         field_name = _first_difference(old, new)
         raise StudyError(
@@ -600,6 +601,16 @@ def aggregate(base: "TrainConfig", study: StudyConfig, jobs: dict[tuple[str, int
 
     start = {key: metric_value(start_eval, key) for key, _ in headline}
     start["pass_curve"] = pass_at_k_curve(start_eval["correct_counts"], start_eval["n"]).tolist()
+    # Did RL move the policy at all?  One-sample t-test of the per-seed values against the starting
+    # policy's single (deterministic) evaluation.
+    versus_start = []
+    for objective, runs in per_run.items():
+        for key, label in headline:
+            seeds = sorted(runs)
+            test = paired_test([runs[s][key] for s in seeds], [start[key]] * len(seeds), level)
+            versus_start.append({"objective": objective, "metric": key, "label": label, "diff": test.diff.mean,
+                                 "low": test.diff.low, "high": test.diff.high, "t_p": test.t_p,
+                                 "significant": bool(test.t_p < study.alpha)})
     return {
         "settings": {
             "task": base.task.name, "model": base.model.name, "steps": base.steps, "n": n,
@@ -612,6 +623,7 @@ def aggregate(base: "TrainConfig", study: StudyConfig, jobs: dict[tuple[str, int
         "start": start,
         "summary": summary,
         "comparisons": comparisons,
+        "versus_start": versus_start,
         "runs": {obj: {str(s): {k: v for k, v in r.items() if not k.endswith("_series")} for s, r in runs.items()}
                  for obj, runs in per_run.items()},
         "tuning": choice,
@@ -657,6 +669,8 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         if len(entry["seeds"]) > 1:
             ax.fill_between(ks, curve["low"], curve["high"], color=_color(objective), alpha=0.15)
     ax.set_xscale("log", base=2)
+    ticks = [k for k in ks if k & (k - 1) == 0]  # powers of two, written out
+    ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.set_xlabel("k")
     ax.set_ylabel("Pass@k (held out)")
     ax.set_title(f"Pass@k, mean over seeds with {level}", fontsize=10)
@@ -773,7 +787,8 @@ def _verdicts(comparisons: list[dict[str, Any]], baseline: str, alpha: float) ->
         rows = [c for c in comparisons if c["headline"] and c["objective"] == objective]
         parts = []
         for c in rows:
-            word = "higher" if c["diff"] > 0 else "lower" if c["diff"] < 0 else "equal"
+            shown = round(c["diff"], 3)
+            word = "higher" if shown > 0 else "lower" if shown < 0 else "equal"
             verdict = (f"significant, p = {_fmt_p(c['t_p'])}" + ("" if c["significant_holm"] else ", not after Holm")
                        if c["significant"] else "not significant")
             parts.append(f"{c['label']} {word} ({_fmt_signed(c['diff'])}, {verdict})")
@@ -802,6 +817,10 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
         f"Mean@1 greedy and {s['n']} samples per problem at temperature {s['eval_temperature']} "
         f"(Pass@k for k = 1..{s['n']} from per-problem correct counts). "
         f"Numbers are mean ± half-width of the {level} % t confidence interval over {len(seeds)} seeds.",
+        "",
+        f"Training: lr {s['lr']:g}, {s['rollout']['prompts_per_step']} prompts × {s['rollout']['samples_per_prompt']} "
+        f"responses per step, up to {s['rollout']['max_new_tokens']} new tokens at temperature "
+        f"{s['rollout']['temperature']}; every run's full config is its `config.yaml`.",
         "",
         _wall_time_line(results["invocations"]),
         "",
@@ -862,6 +881,30 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
                   + (", so it can never reach significance here" if 2 / 2 ** n_pairs >= s["alpha"] else "")
                   + ". These tests have low power: a non-significant difference is not evidence that the "
                   "objectives are equal, only that this study cannot tell them apart."]
+
+    lines += ["", "## Against the starting policy", "",
+              f"Trained minus starting policy (the warm start every run began from), one-sample t-test over seeds; "
+              f"`*`: p < {s['alpha']}.", "",
+              "| objective | " + " | ".join(label for _, label in headline) + " |",
+              "|---" * (len(headline) + 1) + "|"]
+    for objective in summary:
+        cells = [f"{_fmt_signed(c['diff'])}{' *' if c['significant'] else ''}"
+                 for c in results["versus_start"] if c["objective"] == objective]
+        lines.append(f"| {objective} | " + " | ".join(cells) + " |")
+    bullets = []
+    for objective in summary:
+        rows = [c for c in results["versus_start"] if c["objective"] == objective and c["significant"]]
+        down = [c["label"] for c in rows if c["diff"] < 0]
+        up = [c["label"] for c in rows if c["diff"] > 0]
+        if down or up:
+            bullets += [f"- **{objective}**: RL significantly "
+                      + "; ".join(part for part in (f"*lowered* {', '.join(down)}" if down else "",
+                                                    f"raised {', '.join(up)}" if up else "") if part)
+                      + " relative to the starting policy."]
+    lines += [""] + bullets if bullets else []
+    if any(c["significant"] and c["diff"] < 0 and c["metric"] == "mean@1_greedy" for c in results["versus_start"]):
+        lines += ["", "Where training made the policy worse than where it began, the comparison above says how the "
+                  "objectives degrade, not how well they explore."]
 
     signal_rows = [(key, label) for key, label in SIGNALS if any(f"{key}_final" in e for e in summary.values())]
     if signal_rows:
