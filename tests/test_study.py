@@ -89,10 +89,13 @@ def test_study_runs_reports_and_resumes(tmp_path):
     assert [inv["runs"] for inv in third["invocations"]] == [4, 1, 0]
     assert "over 2 invocation(s)" in (out / "report.md").read_text()  # the idle rerun adds no wall time
 
-    # A changed setting must not silently mix into existing run directories.
+    # A moved study directory still resumes; a changed setting must not mix into existing runs.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert run_study(base, study, moved, progress=False)["invocations"][-1]["runs"] == 0
     changed, _ = load_study_config(None, TINY + ["optim.lr=0.01"])
-    with pytest.raises(Exception, match="different config.*optim.lr"):
-        run_study(changed, study, out, progress=False)
+    with pytest.raises(StudyError, match="different config.*optim.lr"):
+        run_study(changed, study, moved, progress=False)
 
 
 def test_tuning_picks_per_objective_on_validation_seeds(tmp_path):
