@@ -29,7 +29,7 @@ Layout of ``--out``::
     start/eval.json             the starting policy (after the warm start) on the held-out instances
     tune/<objective>/<key>=<value>/s<seed>/   tuning runs;  tune/choice.json
     runs/<objective>/s<seed>/   study runs (config.yaml, metrics.jsonl, summary.json, study_eval.json)
-    results.json  report.md  plots/*.png
+    results.json  report.md  plots/*.png  invocations.jsonl (wall time and runs of each invocation)
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ import yaml
 from latentx.config import ConfigError, atomic_write_text, from_dict, merge_overrides, to_dict
 
 if TYPE_CHECKING:  # the heavy modules (torch) load only when a study runs
-    import numpy as np
-
     from latentx.trainer import TrainConfig
 
 __all__ = ["StudyConfig", "StudyError", "load_study_config", "run_study", "evaluate_policy", "study_command"]
