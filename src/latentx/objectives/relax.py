@@ -70,6 +70,8 @@ __all__ = [
     "kl_set_members",
     "xp_weights",
     "group_log_sum_exp",
+    "RelaxPlan",
+    "relax_batch_plan",
     "apply_train_preset",
     "dsd_quantiles",
 ]
@@ -368,23 +370,24 @@ def _xp_share(exponent: Tensor, group: Tensor, lme_scope: str, totals: BatchTota
     if lme_scope == "microbatch":
         lme = torch.logsumexp(exponent, dim=0) - math.log(exponent.numel())
         return lme * (exponent.numel() / max(totals.responses, 1))
+    lse, count = group_log_sum_exp(exponent, group)  # over this shard's rows
+    # Σ_i (LSE_g − log R_g) / R_g over a whole group = LSE_g − log R_g: each member carries 1/R_g of it.
+    per_response = (lse - torch.log(count)) / count
     if group_lse is None:
-        lse, count = group_log_sum_exp(exponent, group)
         if group_count is not None and bool((count != group_count.to(count)).any()):
             raise ValueError(
                 "relax_terms: a prompt group is split across micro-batches / ranks; pass group_lse (the log-sum-exp "
                 "of the whole group's exponents at the rollout) so that its log-mean-exp can be shared"
             )
-        # Σ_i (LSE_g − log R_g) / R_g over a whole group = LSE_g − log R_g: each member carries 1/R_g of it.
-        per_response = (lse - torch.log(count)) / count
     else:
-        # First-order share of a split group (exact value at the rollout point, exact gradient on-policy):
-        #   LME_g(x) ≈ LSE_g − log R_g + Σ_{i ∈ g} exp(x_i − LSE_g) − 1
+        # A group split over shards: first-order share around the rollout point (exact value there, exact
+        # gradient on-policy):  LME_g(x) ≈ LSE_g − log R_g + Σ_{i ∈ g} exp(x_i − LSE_g) − 1.
         if group_count is None:
             raise ValueError("relax_terms: group_lse needs group_count (responses of each group in the whole batch)")
-        lse = group_lse.to(exponent).detach()
-        count = group_count.to(exponent)
-        per_response = (lse - torch.log(count) - 1.0) / count + torch.exp(exponent - lse)
+        full = group_count.to(exponent)
+        g_lse = group_lse.to(exponent).detach()
+        split = (g_lse - torch.log(full) - 1.0) / full + torch.exp(exponent - g_lse)
+        per_response = torch.where(count == full, per_response, split)
     return per_response.sum() / max(totals.groups, 1)
 
 
@@ -442,6 +445,48 @@ def relax_terms(
         else:
             kl = torch.where(in_set, per_response_mean(k3, mask), zero).sum() / max(totals.in_set, 1)
     return RelaxTerms(loss=cfg.alpha * xp + cfg.beta * kl, xp=xp, kl=kl, in_set=in_set)
+
+
+@dataclass
+class RelaxPlan:
+    """What every shard of one optimisation batch needs for :func:`relax_terms`, decided once on the whole
+    batch from the rollout (no-grad) DSDs: :func:`relax_batch_plan`.
+
+    Attributes (per response ``[N]`` unless said): ``in_set`` (bool), ``group_lse`` / ``group_count`` (for
+    groups split over shards), ``totals`` (:class:`BatchTotals`), ``xp`` (L_xp at the rollout, float),
+    ``xi_used`` (float), ``metrics`` (|I|, ξ, DSD quantiles).
+    """
+
+    in_set: Tensor
+    group_lse: Tensor
+    group_count: Tensor
+    totals: BatchTotals
+    xp: float
+    xi_used: float
+    metrics: dict[str, float]
+
+
+def relax_batch_plan(adv: Tensor, dsd: Tensor, group: Tensor, lengths: Tensor, cfg: RelaxConfig,
+                     length_norm: int = 0) -> RelaxPlan:
+    """Decide I (:func:`kl_set_members`) and the batch-wide normalisers on the whole batch's rollout values.
+
+    ``adv`` / ``dsd`` / ``group`` / ``lengths`` ``[N]`` of every response of the optimisation batch (gathered
+    over ranks); ``length_norm`` = L_max for ``xp_weight="padded_mean"``.
+    """
+    adv = adv.detach().float()
+    dsd = dsd.detach().float()
+    lengths = lengths.to(adv.device)
+    in_set, xi_used = kl_set_members(adv, dsd, cfg)
+    totals = BatchTotals(
+        groups=int(torch.unique(group).numel()) if group.numel() else 0, responses=int(adv.numel()),
+        tokens=int(lengths.sum()), in_set=int(in_set.sum()), length=int(length_norm),
+    )
+    exponent = -xp_weights(adv, lengths, cfg, totals.length) * dsd
+    lse, count = group_log_sum_exp(exponent, group)
+    mask = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=adv.device)[None, :] < lengths[:, None]
+    xp = float(relax_terms(adv, dsd, group, mask, in_set, cfg, totals).xp) if adv.numel() else 0.0
+    metrics = {"kl_set_size": float(totals.in_set), "xi_used": xi_used, "xp_rollout": xp, **dsd_quantiles(dsd)}
+    return RelaxPlan(in_set, lse, count, totals, xp, xi_used, metrics)
 
 
 def dsd_quantiles(dsd: Tensor) -> dict[str, float]:

@@ -99,6 +99,10 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
             "choices": list(LATENT_OBJECTIVES),
         },
     )
+    latent_term_grads_every: int = field(
+        default=0,
+        metadata={"help": "every N steps log each loss term's gradient norm and cosine with pg under latent/ (0 = off)."},
+    )
 
     def __post_init__(self) -> None:
         if self.latent_objective not in LATENT_OBJECTIVES:
