@@ -39,6 +39,7 @@ from latentx.objectives import Objective
 from latentx.objectives.kl_cov import KLCovConfig
 from latentx.objectives.relax import RelaxConfig
 from latentx.objectives.verl import VerlConfig
+from latentx.reporting import LoggingConfig
 from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
 from latentx.tasks import TaskConfig
 from latentx.warmstart import WarmStartConfig
@@ -142,6 +143,7 @@ class TrainConfig:
     kl_cov: KLCovConfig = field(default_factory=KLCovConfig)
     clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
     eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -215,6 +217,9 @@ class Trainer:
                 self.model, self.warm_info = warm_start(
                     self.model, self.tokenizer, self.task, cfg.warm_start, progress=progress
                 )
+                if self.warm_info.get("cache_hit"):
+                    log(f"warm start: {self.warm_info.get('steps')} SFT steps loaded from the cache "
+                        f"({self.warm_info['wall_time_s']:.1f} s)")
         self.model.to(self.device)
         # The frozen reference is the policy the run started from (after the warm start); it is saved
         # once so that a resumed run compares against the same weights.
@@ -488,23 +493,42 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from latentx.reporting import Reporter, eval_tags
 
         cfg = self.cfg
         save_yaml(cfg, self.run_dir / "config.yaml")
-        if cfg.eval.enabled and self.step == 0 and "eval" not in self.warm_info:
-            self.log("evaluating the starting policy on held-out instances ...")
-            self.warm_info["eval"] = self.evaluate()
         start_step = self.step
-        rows: list[dict] = []
+        reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
+                            eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
+        with reporter:
+            if cfg.eval.enabled and self.step == 0 and "eval" not in self.warm_info:
+                self.warm_info["eval"] = self.timed_evaluate("starting policy")
+            if self.step == 0 and "eval" in self.warm_info:
+                reporter.log_eval(self.warm_info["eval"], step=0)
+            self._loop(reporter)
+            summary: dict[str, Any] = {"steps": self.step, "objective": cfg.objective, "warm_start": self.warm_info}
+            if cfg.eval.enabled:
+                summary["eval"] = self.timed_evaluate("final policy")
+                reporter.log_eval(summary["eval"], step=self.step, final=True)
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        if cfg.logging.plots:
+            self.plot()
+        return summary
+
+    def _loop(self, reporter) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.cfg
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.progress,
         ) as bar:
-            task_id = bar.add_task(f"{cfg.objective}", total=cfg.steps, completed=start_step, info="")
+            task_id = bar.add_task(f"{cfg.objective}", total=cfg.steps, completed=self.step, info="")
             while self.step < cfg.steps:
                 row = self.train_step()
-                rows.append(row)
+                reporter.log_row(row)
+                if row.get("time_fit"):
+                    self.log(f"Koopman dictionary fitted on step {self.step}'s rollouts ({row['time_fit']:.1f} s)")
                 bar.update(
                     task_id, completed=self.step,
                     info=f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
@@ -512,18 +536,23 @@ class Trainer:
                 )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
-        self.plot()
-        summary: dict[str, Any] = {"steps": self.step, "objective": cfg.objective, "warm_start": self.warm_info}
-        if cfg.eval.enabled:
-            summary["eval"] = self.evaluate()
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        return summary
 
     def plot(self) -> list[Path]:
-        from latentx.plots import plot_training_curves
+        """``<run>/plots``: the ``latentx plot`` panels of this run (curves, Pass@k, index.html)."""
+        from latentx.plots import plot_runs
 
-        rows = read_metrics(self.run_dir)
-        return plot_training_curves(rows, self.run_dir / "plots", title=f"{self.cfg.objective} on {self.cfg.task.name}") if rows else []
+        return plot_runs([self.run_dir], self.run_dir / "plots") if read_metrics(self.run_dir) else []
+
+    def timed_evaluate(self, which: str) -> dict[str, Any]:
+        """:meth:`evaluate` between two terminal lines that name it and give its result and wall time."""
+        from latentx.reporting import eval_line
+        from latentx.terminal import phase
+
+        ec = self.cfg.eval
+        with phase(f"evaluating the {which} on {ec.instances} held-out problems ({ec.n} samples each)", self.log) as ph:
+            result = self.evaluate()
+            ph["result"] = eval_line(result)
+        return result
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4)."""
@@ -571,6 +600,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Resolve ``cfg`` and run it to completion (resuming from the run directory's latest checkpoint)."""
-    return Trainer(resolve_config(cfg), progress=progress).run()
+def train(cfg: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Resolve ``cfg`` and run it to completion (resuming from the run directory's latest checkpoint).
+    ``quiet``: no bars and no phase lines (for scripts)."""
+    from latentx.terminal import printer
+
+    return Trainer(resolve_config(cfg), progress=progress and not quiet, log=printer(quiet)).run()
