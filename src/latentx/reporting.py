@@ -160,7 +160,9 @@ class _TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
             from torch.utils.tensorboard.summary import hparams
         except ImportError as err:
-            raise ReportingError(f"logging.report_to=tensorboard needs the tensorboard package ({err})") from None
+            raise ReportingError(
+                f"logging.report_to=tensorboard needs the tensorboard package: pip install 'latentx[tensorboard]' ({err})"
+            ) from None
         resumed = log_dir.is_dir() and any(p.name.startswith("events.") for p in log_dir.iterdir())
         # Steps > start_step of an earlier (interrupted) session are re-run now: purge them.  A run that
         # restarts from step 0 re-logs everything, the starting-policy evaluation at step 0 included.

@@ -63,10 +63,9 @@ def _seconds(elapsed: float) -> str:
 
 
 @contextmanager
-def phase(label: str, log: Log) -> Iterator[dict[str, Any]]:
-    """Print ``label ...`` now and ``label: <what> (12.3 s)`` when the block ends.
-
-    The block may set ``info["result"]`` to a short text shown in the closing line."""
+def phase(label: str, log: Log, done: str | None = None) -> Iterator[dict[str, Any]]:
+    """Print ``label ...`` now and ``done: <result> (12.3 s)`` when the block ends (``done`` defaults
+    to ``label``).  The block may set ``info["result"]`` to a short text shown in the closing line."""
     info: dict[str, Any] = {}
     log(f"{label} ...")
     start = time.perf_counter()
@@ -74,4 +73,4 @@ def phase(label: str, log: Log) -> Iterator[dict[str, Any]]:
     elapsed = time.perf_counter() - start
     info["elapsed"] = elapsed
     result = info.get("result")
-    log(f"{label}: {result + ' ' if result else ''}({_seconds(elapsed)})")
+    log(f"{done or label}: {result + ' ' if result else 'done '}({_seconds(elapsed)})")

@@ -549,7 +549,8 @@ class Trainer:
         from latentx.terminal import phase
 
         ec = self.cfg.eval
-        with phase(f"evaluating the {which} on {ec.instances} held-out problems ({ec.n} samples each)", self.log) as ph:
+        with phase(f"evaluating the {which} on {ec.instances} held-out problems ({ec.n} samples each)", self.log,
+                   done=f"  {which}") as ph:
             result = self.evaluate()
             ph["result"] = eval_line(result)
         return result
