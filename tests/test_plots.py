@@ -11,24 +11,9 @@ from typer.testing import CliRunner
 import latentx.plots as plots
 from latentx.cli import app
 from latentx.config import apply_overrides
-from latentx.tasks import FunctionTask, register_task
 from latentx.trainer import TrainConfig, Trainer, resolve_config
 
-
-def _digit_reward(inst, response: str) -> float:
-    return sum(ch.isdigit() for ch in response) / max(len(response), 1)
-
-
-def _make(rng):
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
-    return f"{a} {b}>", str(a + b)
-
-
-register_task(
-    "test_plot_digits",
-    lambda **options: FunctionTask("test_plot_digits", reward_fn=_digit_reward, generate=_make, **options),
-    overwrite=True,
-)
+import digits_task  # noqa: F401  (registers the "test_digits" task)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +22,7 @@ def two_runs(tmp_path_factory):
     dirs = []
     for objective in ("grpo", "relax"):
         cfg = apply_overrides(TrainConfig(), [
-            f"objective={objective}", f"out={root / objective}", "steps=4", "task.name=test_plot_digits",
+            f"objective={objective}", f"out={root / objective}", "steps=4", "task.name=test_digits",
             "task.train_size=64", "warm_start.enabled=false", "rollout.prompts_per_step=2",
             "rollout.samples_per_prompt=4", "rollout.max_new_tokens=12", "rollout.micro_batch_size=8",
             "relax.fit_batch_size=4", "eval.instances=3", "eval.n=4", "eval.ks=[1,2,4]", "checkpoint_every=4",

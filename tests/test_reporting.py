@@ -14,29 +14,14 @@ import pytest
 from latentx.checkpoint import latest_checkpoint
 from latentx.config import ConfigError, apply_overrides
 from latentx.reporting import LoggingConfig, eval_scalars, tag_for
-from latentx.tasks import FunctionTask, register_task
 from latentx.trainer import TrainConfig, Trainer, read_metrics, resolve_config
 
-
-def _digit_reward(inst, response: str) -> float:
-    return sum(ch.isdigit() for ch in response) / max(len(response), 1)
-
-
-def _make(rng):
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
-    return f"{a} {b}>", str(a + b)
-
-
-register_task(
-    "test_report_digits",
-    lambda **options: FunctionTask("test_report_digits", reward_fn=_digit_reward, generate=_make, **options),
-    overwrite=True,
-)
+import digits_task  # noqa: F401  (registers the "test_digits" task)
 
 
 def _config(out: Path, *extra: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), [
-        "objective=relax", f"out={out}", "task.name=test_report_digits", "task.train_size=64",
+        "objective=relax", f"out={out}", "task.name=test_digits", "task.train_size=64",
         "warm_start.enabled=false", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=12", "rollout.micro_batch_size=8", "relax.fit_batch_size=4",
         "eval.instances=3", "eval.n=2", "eval.ks=[1,2]", "checkpoint_every=2", "logging.plots=false", *extra,
