@@ -100,14 +100,19 @@ def _print_summary(summary: dict, cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from latentx.evaluate import headline_metrics
+
     console = Console()
-    ev = summary.get("eval")
-    if ev:
+    if summary.get("eval"):
+        ev = headline_metrics(summary["eval"])
+        try:
+            before = headline_metrics((summary.get("warm_start") or {}).get("eval") or {})
+        except ValueError:  # no starting evaluation (or one from an older version)
+            before = {}
         table = Table(title=f"held-out evaluation — {cfg.objective}, {ev['instances']} instances")
         table.add_column("metric")
         table.add_column("warm start", justify="right")
         table.add_column("after RL", justify="right")
-        before = (summary.get("warm_start") or {}).get("eval") or {}
         rows = [("Mean@1 (greedy)", "mean@1_greedy"), (f"Mean@{ev['n']}", f"mean@{ev['n']}")]
         for label, key in rows:
             table.add_row(label, f"{before[key]:.3f}" if key in before else "-", f"{ev[key]:.3f}")

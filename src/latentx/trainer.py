@@ -568,42 +568,15 @@ class Trainer:
         return result
 
     def evaluate(self) -> dict[str, Any]:
-        """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4)."""
-        from latentx.metrics import pass_at_k
+        """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4), in ``eval.json``'s
+        schema (:func:`latentx.evaluate.held_out_evaluation`); the training RNG does not move."""
+        from latentx.evaluate import held_out_evaluation
 
-        ec = self.cfg.eval
-        instances = self.task.eval_instances(ec.instances, seed=ec.seed)
-        prompts = [self.task.format_prompt(inst, self.tokenizer) for inst in instances]
-        self.model.eval()
-        rc = self.cfg.rollout
-        state = torch.get_rng_state()
-        torch.manual_seed(ec.seed)
-        greedy = sample_responses(self.model, self.tokenizer, prompts, 1, rc.max_new_tokens, temperature=0.0,
-                                  generation_batch_size=rc.generation_batch_size)
-        sampled = sample_responses(self.model, self.tokenizer, prompts, ec.n, rc.max_new_tokens,
-                                   temperature=ec.temperature, top_p=rc.top_p,
-                                   generation_batch_size=rc.generation_batch_size)
-        torch.set_rng_state(state)
-        mean1 = float(np.mean([self.task.is_correct(inst, text) for inst, text in zip(instances, greedy.texts)]))
-        counts = [
-            sum(self.task.is_correct(inst, sampled.texts[i * ec.n + j]) for j in range(ec.n))
-            for i, inst in enumerate(instances)
-        ]
-        distinct = [
-            len({sampled.texts[i * ec.n + j].strip() for j in range(ec.n)
-                 if self.task.is_correct(inst, sampled.texts[i * ec.n + j])})
-            for i, inst in enumerate(instances)
-        ]
-        result = {
-            "instances": len(instances),
-            "n": ec.n,
-            "mean@1_greedy": mean1,
-            f"mean@{ec.n}": float(np.mean(counts)) / ec.n,
-            "pass@k": {str(k): float(np.mean([pass_at_k(ec.n, c, k) for c in counts])) for k in ec.ks},
-            "distinct_correct_per_problem": float(np.mean(distinct)),
-            "correct_counts": [int(c) for c in counts],  # per problem, out of n: any Pass@k can be recomputed
-        }
-        return result
+        ec, rc = self.cfg.eval, self.cfg.rollout
+        return held_out_evaluation(
+            self.model, self.tokenizer, self.task, ec.instances, ec.n, ec.ks, ec.temperature, ec.seed,
+            rc.max_new_tokens, top_p=rc.top_p, batch_size=rc.generation_batch_size,
+        )
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
