@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import latentx.plots as plots
 from latentx.cli import app
 from latentx.config import apply_overrides
+from latentx.reporting import headline
 from latentx.trainer import TrainConfig, Trainer, resolve_config
 
 import digits_task  # noqa: F401  (registers the "test_digits" task)
@@ -81,7 +82,7 @@ def test_plot_command_overlays_runs_with_labelled_axes_and_a_legend_per_run(two_
     shown = set(re.findall(r'src="([^"]+\.png)"', page))
     assert shown == {p.name for p in out.glob("*.png")} and "reward.png" in shown
     summary = json.loads((two_runs[1] / "summary.json").read_text())
-    assert f"{summary['eval']['mean@1_greedy']:.3f}" in page
+    assert f"{headline(summary['eval'])['mean@1_greedy']:.3f}" in page
 
 
 def test_gradient_share_panel_appears_when_the_runs_logged_it(tmp_path):

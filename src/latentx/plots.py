@@ -194,7 +194,9 @@ def _grad_share_panel(runs: list[RunData], out: Path, smooth: int) -> Path | Non
 
 
 def _pass_at_k(result: dict[str, Any] | None) -> tuple[list[int], list[float]]:
-    table = (result or {}).get("pass@k") or {}
+    from latentx.reporting import headline
+
+    table = headline(result).get("pass@k") or {}
     pairs = sorted((int(k), float(v)) for k, v in table.items())
     return [k for k, _ in pairs], [v for _, v in pairs]
 
@@ -218,7 +220,9 @@ def _pass_at_k_panel(runs: list[RunData], out: Path) -> Path | None:
         ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(all_k), [str(k) for k in sorted(all_k)])
     ax.set_ylim(-0.02, 1.02)
-    n = {str(r.summary.get("eval", {}).get("instances", "?")) for r in runs if r.summary.get("eval")}
+    from latentx.reporting import headline
+
+    n = {str(headline(r.summary.get("eval")).get("instances", "?")) for r in runs if r.summary.get("eval")}
     ax.set_title(f"Held-out Pass@k ({'/'.join(sorted(n))} problems)")
     ax.set_xlabel("k (samples per problem)")
     ax.set_ylabel("Pass@k")
@@ -231,11 +235,13 @@ def _index_html(runs: list[RunData], images: list[Path], out_dir: Path) -> Path:
     def cell(value: Any) -> str:
         return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
 
-    ks = sorted({k for r in runs for k in ((r.summary.get("eval") or {}).get("pass@k") or {})}, key=int)
+    from latentx.reporting import headline
+
+    ks = sorted({k for r in runs for k in (headline(r.summary.get("eval")).get("pass@k") or {})}, key=int)
     head = ["run", "objective", "steps", "Mean@1 greedy"] + [f"Pass@{k}" for k in ks]
     lines = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for run in runs:
-        ev = run.summary.get("eval") or {}
+        ev = headline(run.summary.get("eval"))
         last = run.rows[-1]["step"] if run.rows else 0
         values = [run.label, run.summary.get("objective", "?"), run.summary.get("steps", last),
                   ev.get("mean@1_greedy", "-")] + [(ev.get("pass@k") or {}).get(k, "-") for k in ks]

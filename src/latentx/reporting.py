@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 __all__ = ["LoggingConfig", "Reporter", "ReportingError", "REPORTERS", "tag_for", "eval_scalars", "eval_tags",
-           "eval_line", "flat_config"]
+           "eval_line", "flat_config", "headline"]
 
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -105,10 +105,23 @@ def tag_for(key: str) -> str | None:
     return f"losses/{key}"
 
 
+def headline(result: dict[str, Any] | None) -> dict[str, Any]:
+    """The flat headline numbers of a held-out evaluation (``summary.json``'s ``eval``): ``eval.json``'s
+    schema through :func:`latentx.evaluate.headline_metrics`, an already flat one (older runs) as it is,
+    ``{}`` for none."""
+    if not result:
+        return {}
+    if "benchmarks" in result:
+        from latentx.evaluate import headline_metrics
+
+        return headline_metrics(result)
+    return result
+
+
 def eval_scalars(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
     """Flatten a held-out evaluation (``summary.json``'s ``eval``) into ``eval/pass@4``-style scalars."""
     out: dict[str, float] = {}
-    for key, value in result.items():
+    for key, value in headline(result).items():
         if key == "pass@k" and isinstance(value, dict):
             out.update({f"{prefix}/pass@{k}": float(v) for k, v in value.items()})
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("instances", "n"):
@@ -124,6 +137,7 @@ def eval_tags(n: int, ks: Iterable[int], prefix: str = "eval") -> list[str]:
 
 def eval_line(result: dict[str, Any]) -> str:
     """A one-line reading of an evaluation: ``Mean@1 0.125, Pass@1 0.10, Pass@16 0.55``."""
+    result = headline(result)
     parts = []
     if "mean@1_greedy" in result:
         parts.append(f"Mean@1 {result['mean@1_greedy']:.3f}")
