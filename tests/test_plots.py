@@ -88,13 +88,15 @@ def test_plot_command_overlays_runs_with_labelled_axes_and_a_legend_per_run(two_
 def test_gradient_share_panel_appears_when_the_runs_logged_it(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    rows = [{"step": s, "reward_mean": 0.1 * s, f"{plots.GRAD_SHARE_PREFIX}pg": 0.7,
-             f"{plots.GRAD_SHARE_PREFIX}xp": 0.3} for s in range(1, 4)]
+    rows = [{"step": s, "reward_mean": 0.1 * s} for s in range(1, 5)]
+    for row in rows[1::2]:  # diagnostics.term_grads_every=2
+        row.update({"grad_share/pg": 0.7, "grad_share/xp": 0.3, "grad_cos_pg/pg": 1.0, "grad_cos_pg/xp": -0.2})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plots.plot_runs([run], tmp_path / "out")
     names = [p.name for p in written]
-    assert "grad_shares.png" in names and "reward.png" in names and "pass_at_k.png" not in names
+    assert {"grad_shares.png", "grad_cos_pg.png", "reward.png"} <= set(names) and "pass_at_k.png" not in names
     _read_png(tmp_path / "out" / "grad_shares.png")
+    _read_png(tmp_path / "out" / "grad_cos_pg.png")
 
 
 def test_plot_command_bad_input_is_a_one_line_error(tmp_path):

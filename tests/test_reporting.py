@@ -58,7 +58,8 @@ def test_keys_are_namespaced_like_trl_and_cleanrl():
     assert tag_for("clip_frac") == "losses/clip_frac"
     assert tag_for("time_step") == "time/step"
     assert tag_for("grad_norm") == "train/grad_norm"
-    assert tag_for("term_grad_share_xp") == "grads/term_grad_share_xp"
+    assert tag_for("grad_share/xp") == "grads/share/xp"
+    assert tag_for("grad_cos_pg/kl") == "grads/cos_pg/kl"
     assert tag_for("step") is None
     ev = {"instances": 3, "n": 2, "mean@1_greedy": 0.5, "mean@2": 0.25, "pass@k": {"1": 0.25, "2": 0.4},
           "correct_counts": [1, 0, 0]}

@@ -9,8 +9,9 @@ them (relax vs grpo, several seeds).  Inputs are each run's ``metrics.jsonl`` (t
   DSD, ER / ERV / ERA, length, loss terms, gradient norm, time per step): the per-step values thin, a
   moving average thick, one colour and one legend entry per run (with a single run, a ±1 std band over
   the step's responses where the run logged ``<metric>_std``);
-- ``grad_shares.png`` when the runs logged per-term gradient diagnostics (``term_grad_share_*``
-  fields, one line per term and run);
+- ``grad_shares.png`` / ``grad_cos_pg.png`` when the runs logged per-term gradient diagnostics
+  (``diagnostics.term_grads_every``: ``grad_share/<term>``, ``grad_cos_pg/<term>``), one line per term
+  and run;
 - ``pass_at_k.png``: held-out Pass@k against k from each run's summary, after RL (solid) and for the
   starting policy (dashed), when the summaries have them.
 
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 
 import typer
 
-__all__ = ["CURVES", "RunData", "load_run", "plot_runs", "plot_command", "GRAD_SHARE_PREFIX"]
+__all__ = ["CURVES", "TERM_PANELS", "RunData", "load_run", "plot_runs", "plot_command", "GRAD_SHARE_PREFIX"]
 
 #: (file stem, title, y-axis label, metrics.jsonl key); one PNG per entry that some run logged.
 CURVES: list[tuple[str, str, str, str]] = [
@@ -49,8 +50,12 @@ CURVES: list[tuple[str, str, str, str]] = [
     ("time_step", "Wall time per RL step", "seconds", "time_step"),
 ]
 
-#: metrics.jsonl fields ``<prefix><term>`` (per-term share of the gradient) are drawn in one panel.
-GRAD_SHARE_PREFIX = "term_grad_share_"
+#: per-term gradient diagnostics: (file stem, metrics.jsonl prefix of ``<prefix><term>``, title, y label)
+TERM_PANELS: list[tuple[str, str, str, str]] = [
+    ("grad_shares", "grad_share/", "Share of the gradient norm per loss term", "share of the sum of term norms"),
+    ("grad_cos_pg", "grad_cos_pg/", "Cosine of each term's gradient with the PG gradient", "cosine"),
+]
+GRAD_SHARE_PREFIX = TERM_PANELS[0][1]
 
 
 @dataclass
@@ -170,24 +175,25 @@ def _curve_panel(runs: list[RunData], key: str, title: str, ylabel: str, out: Pa
     return _save(fig, out)
 
 
-def _grad_share_panel(runs: list[RunData], out: Path, smooth: int) -> Path | None:
-    terms = sorted({k[len(GRAD_SHARE_PREFIX):] for r in runs for row in r.rows for k in row if k.startswith(GRAD_SHARE_PREFIX)})
+def _term_panel(runs: list[RunData], prefix: str, title: str, ylabel: str, out: Path, smooth: int) -> Path | None:
+    terms = sorted({k[len(prefix):] for r in runs for row in r.rows for k in row if k.startswith(prefix)})
     if not terms:
         return None
     fig, ax = _figure()
     styles = ["-", "--", ":", "-."]
     for i, run in enumerate(runs):
         for j, term in enumerate(terms):
-            xs, ys = _series(run.rows, GRAD_SHARE_PREFIX + term)
+            xs, ys = _series(run.rows, prefix + term)
             if not xs:
                 continue
             width = smooth if smooth > 0 else 1
             ax.plot(xs, _smooth(ys, width), color=f"C{(i * len(terms) + j) % 10}", ls=styles[i % len(styles)],
-                    lw=1.6, marker="o" if len(xs) < 20 else None, ms=3, label=f"{run.label}: {term}")
-    ax.set_title("Share of the gradient norm per loss term")
+                    lw=1.6, marker="o" if len(xs) < 30 else None, ms=3,
+                    label=f"{run.label}: {term}" if len(runs) > 1 else term)
+    ax.set_title(title)
     ax.set_xlabel("RL step")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("share of gradient norm")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, out)
@@ -286,10 +292,13 @@ def plot_runs(
         path = _curve_panel(data, key, title, ylabel, out_dir / f"{stem}.png", smooth)
         if path is not None:
             images.append(path)
-    for path in (_grad_share_panel(data, out_dir / "grad_shares.png", smooth),
-                 _pass_at_k_panel(data, out_dir / "pass_at_k.png")):
+    for stem, prefix, title, ylabel in TERM_PANELS:
+        path = _term_panel(data, prefix, title, ylabel, out_dir / f"{stem}.png", smooth)
         if path is not None:
             images.append(path)
+    path = _pass_at_k_panel(data, out_dir / "pass_at_k.png")
+    if path is not None:
+        images.append(path)
     return images + [_index_html(data, images, out_dir)]
 
 

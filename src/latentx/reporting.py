@@ -20,7 +20,8 @@ Keys are namespaced the way TRL and CleanRL name theirs (:func:`tag_for`):
                    ``group_pass_rate``, ``entropy``, ``length``, advantages, ``grad_norm``, ``tokens``
 ``latent/``        hidden-state signals and what VERL derives from them: ``dsd_mean``, ``er_mean``,
                    ``erv_mean``, ``era_mean`` (+ ``_std`` / ``_min`` / ``_max``), ``verl_*``
-``grads/``         per-term gradient diagnostics (``term_grad_*`` / ``grad_*`` other than ``grad_norm``)
+``grads/``         per-term gradient diagnostics (``diagnostics.term_grads_every``): ``grad_share/xp`` ->
+                   ``grads/share/xp``, ``grads/norm/<term>``, ``grads/cos_pg/<term>``
 ``time/``          ``time_step`` -> ``time/step``, ``time/generate``, ``time/signals``, ...
 ``losses/``        everything else the objective reports: ``loss``, ``pg``, ``xp``, ``kl``, clip fractions
 ``eval/``          held-out evaluation: ``mean@1_greedy``, ``mean@n``, ``pass@k``, logged at step 0 for
@@ -100,8 +101,8 @@ def tag_for(key: str) -> str | None:
         return f"train/{key}"
     if key.startswith(_LATENT_PREFIXES):
         return f"latent/{key}"
-    if key.startswith(("term_grad", "grad_")):
-        return f"grads/{key}"
+    if key.startswith("grad_") and "/" in key:  # per-term diagnostics: grad_share/xp -> grads/share/xp
+        return f"grads/{key[len('grad_'):]}"
     return f"losses/{key}"
 
 

@@ -510,6 +510,8 @@ class Trainer:
         cfg = self.cfg
         save_yaml(cfg, self.run_dir / "config.yaml")
         start_step = self.step
+        if self.checkpoint is not None:
+            self.log(f"resuming at step {start_step} from {self.checkpoint}")
         reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
                             eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
         with reporter:
