@@ -122,13 +122,15 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return xs, ys
 
 
-def _draw(ax, xs: list[int], ys: list[float], color: str, label: str, smooth: int) -> None:
+def _draw(ax, xs: list[int], ys: list[float], color: str, label: str, smooth: int) -> int:
+    """One run's curve; returns the moving-average width drawn (1: none)."""
     width = smooth if smooth > 0 else max(3, len(ys) // 10)
     if len(ys) >= 5 and width > 1:
         ax.plot(xs, ys, color=color, lw=0.8, alpha=0.3)
         ax.plot(xs, _smooth(ys, width), color=color, lw=2, label=label)
-    else:
-        ax.plot(xs, ys, color=color, lw=1.5, marker="o", ms=3, label=label)
+        return width
+    ax.plot(xs, ys, color=color, lw=1.5, marker="o", ms=3, label=label)
+    return 1
 
 
 def _figure():
@@ -154,12 +156,15 @@ def _curve_panel(runs: list[RunData], key: str, title: str, ylabel: str, out: Pa
     if not any(_series(r.rows, key)[0] for r in runs):
         return None
     fig, ax = _figure()
+    widths = set()
+    # one moving-average width for every run (a tenth of the longest), so that the curves compare
+    smooth = smooth if smooth > 0 else max(3, max(len(_series(r.rows, key)[1]) for r in runs) // 10)
     for i, run in enumerate(runs):
         xs, ys = _series(run.rows, key)
         if not xs:
             continue
         color = f"C{i % 10}"
-        _draw(ax, xs, ys, color, run.label, smooth)
+        widths.add(_draw(ax, xs, ys, color, run.label, smooth))
         std_key = key[: -len("_mean")] + "_std" if key.endswith("_mean") else None
         if len(runs) == 1 and std_key:
             sx, sd = _series(run.rows, std_key)
@@ -172,6 +177,9 @@ def _curve_panel(runs: list[RunData], key: str, title: str, ylabel: str, out: Pa
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    if max(widths, default=1) > 1:
+        ax.text(1.0, -0.13, f"thin: per step; thick: moving average over {max(widths)} steps", fontsize=7,
+                color="0.4", transform=ax.transAxes, va="top", ha="right")
     return _save(fig, out)
 
 
