@@ -214,3 +214,15 @@ def test_wandb_missing_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ReportingError, match=r"wandb needs the wandb package: pip install 'latentx\[wandb\]'"):
         Reporter(LoggingConfig(report_to=("wandb",)), tmp_path)
+
+
+def test_a_missing_tracker_library_is_reported_before_training(monkeypatch):
+    import importlib.util
+
+    from latentx.reporting import ReportingError, require_trackers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    require_trackers(LoggingConfig(report_to=("none",)))
+    with pytest.raises(ReportingError, match=r"tensorboard needs the tensorboard package: pip install 'latentx\[tensorboard\]'"):
+        require_trackers(LoggingConfig(report_to=("tensorboard",)))

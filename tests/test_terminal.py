@@ -62,3 +62,19 @@ def test_quiet_prints_nothing(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "" and result.stderr == ""
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_wandb_without_login_is_a_one_line_error(tmp_path):
+    import pytest
+
+    pytest.importorskip("wandb", reason="wandb is not installed (optional extra: pip install 'latentx[wandb]')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), LATENTX_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    code = "import sys; from latentx.cli import app; sys.argv = ['latentx', *sys.argv[1:]]; app()"
+    result = subprocess.run([sys.executable, "-c", code, "train", "--out", str(tmp_path / "run"), *TINY,
+                             "--report-to", "wandb"], capture_output=True, text=True, env=env, timeout=600,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: logging.report_to=wandb: wandb.init failed"), errors
+    assert "WANDB_MODE=offline" in errors[0] and "Traceback" not in result.stderr

@@ -83,11 +83,12 @@ def train_cmd(
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    from latentx.reporting import ReportingError
+    from latentx.reporting import ReportingError, require_trackers
     from latentx.terminal import silence_third_party
 
     silence_third_party()
     try:
+        require_trackers(cfg.logging)
         summary = train(cfg, quiet=quiet)
     except ReportingError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

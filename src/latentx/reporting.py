@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 __all__ = ["LoggingConfig", "Reporter", "ReportingError", "REPORTERS", "tag_for", "eval_scalars", "eval_tags",
-           "eval_line", "flat_config", "headline"]
+           "eval_line", "flat_config", "headline", "require_trackers"]
 
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -167,6 +167,15 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
         if tag is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             out[tag] = float(value)
     return out
+
+
+def require_trackers(cfg: LoggingConfig) -> None:
+    """Fail before any training when a tracker's library is missing (one-line :class:`ReportingError`)."""
+    import importlib.util
+
+    for name, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if name in cfg.trackers and importlib.util.find_spec(module) is None:
+            raise ReportingError(f"logging.report_to={name} needs the {module} package: pip install 'latentx[{extra}]'")
 
 
 class _TensorBoard:
