@@ -97,7 +97,7 @@ def test_authors_preset_values_and_paper_defaults():
     assert (a.xi, a.kl_set, a.kl_reduce, a.xp_weight, a.lme_scope, a.spectrum, a.scaling) == (
         10.0, "code", "token_mean", "padded_mean", "microbatch", "singular", "unscaled")
     assert (a.init, a.fit_loss, a.fit_lr, a.fit_seed, a.refit_every, a.fit_window, a.pad_to) == (
-        "kaiming_uniform", "svd_authors", 1e-3, 42, 50, 512, -1)
+        "kaiming_uniform", "svd", 1e-3, 42, 50, 512, -1)
     assert (p.xi, p.kl_set, p.lme_scope, p.spectrum, p.fit_lr, p.refit_every, p.pad_to) == (
         25.0, "paper", "group", "eig", 1e-4, 0, 0)
 
@@ -208,11 +208,11 @@ def test_core_trainer_gradient_is_the_same_for_1_2_4_micro_batches(tmp_path):
     trainer.model.double()
     ro = trainer.rollout()
     # the untrained tiny model scores 0 everywhere: give the groups distinct rewards so that L_xp acts
-    ro["rewards"] = torch.rand(len(ro["rewards"]), generator=torch.Generator().manual_seed(0))
+    ro.rewards = torch.rand(len(ro.rewards), generator=torch.Generator().manual_seed(0))
     adv, _ = trainer.advantages(ro)
     info = trainer.kl_set(ro, adv)
     assert info["kl_set_size"] > 0 and info["reference_rows"] == info["kl_set_size"]  # reference only for I
-    assert ro["ref_logp"][~ro["in_set"]].abs().sum() == 0
+    assert ro.ref_logp[~ro.in_set].abs().sum() == 0
     trainer.update(ro, adv)  # one step away from the reference, so that KL_I > 0
     results = []
     for size in (16, 8, 4):  # 1, 2 and 4 micro-batches (groups of 4 stay whole: the trainer aligns them)
@@ -244,7 +244,7 @@ def test_empty_kl_set_runs_no_reference_and_warns_once(tmp_path):
         ro = trainer.rollout()
         adv, _ = trainer.advantages(ro)
         info = trainer.kl_set(ro, adv)
-        assert info["kl_set_size"] == 0 and info["reference_rows"] == 0 and ro["ref_logp"] is None
+        assert info["kl_set_size"] == 0 and info["reference_rows"] == 0 and ro.ref_logp is None
     assert trainer.reference is None
     assert len(messages) == 1 and "relax.xi_mode=quantile" in messages[0] and "DSD range" in messages[0]
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from latentx.objectives.base import (
+    register_objective,
     GRPOConfig,
     LossOutput,
     PolicyBatch,
@@ -88,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "authors": dict(
         xi=10.0, kl_set="code", kl_reduce="token_mean", xp_weight="padded_mean", lme_scope="microbatch",
         spectrum="singular", scaling="unscaled", init="kaiming_uniform", pad_to=-1, fit_window=512,
-        fit_loss="svd_authors", fit_lr=1e-3, fit_seed=42, refit_every=50,
+        fit_loss="svd", fit_lr=1e-3, fit_seed=42, refit_every=50,
     ),
 }
 
@@ -107,7 +108,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "spectrum": ("eig", "singular"),
     "scaling": ("mean", "unscaled"),
     "init": ("normal", "kaiming_uniform"),
-    "fit_loss": ("residual", "svd", "svd_authors"),
+    "fit_loss": ("residual", "svd"),
 }
 
 
@@ -143,8 +144,7 @@ class RelaxConfig:
             masked (default); -1 = the maximum response length L_max (resolved by the caller).
         fit_window: the fit sees the first that-many positions of each response, zero-padded (code: 512);
             0 = every valid position, masked.
-        fit_loss: "residual" (ResKoopNet residual, paper), "svd" (SVD surrogate with V detached, ours) or
-            "svd_authors" (the authors' formula, §3a).
+        fit_loss: "residual" (ResKoopNet residual, paper) or "svd" (the authors' SVD formula, §3a).
         fit_lr: Adam learning rate of the dictionary fit (1e-4 paper; 1e-3 code).
         fit_batch_size: trajectories per fit mini-batch (64).
         fit_epochs: passes over the fit batch (1).
@@ -172,7 +172,7 @@ class RelaxConfig:
     fit_lr: float | None = None
     fit_batch_size: int = 64
     fit_epochs: int = 1
-    fit_loss: Literal["residual", "svd", "svd_authors"] | None = None
+    fit_loss: Literal["residual", "svd"] | None = None
     refit_every: int | None = None
     fit_seed: int | None = None
 
@@ -575,3 +575,16 @@ def relax_loss(batch: PolicyBatch, cfg: RelaxConfig, clip: GRPOConfig) -> LossOu
         )
     parts = {"pg": pg + grpo_kl_penalty, "xp": cfg.alpha * latent.xp, "kl": kl_set_penalty}
     return LossOutput(loss=loss, terms=to_floats(terms), summable=not whole, parts=parts)
+
+
+def _relax_needs(cfg: RelaxConfig, grpo: GRPOConfig) -> set[str]:
+    # The reference is optional: without one the β term is 0 (reported in terms).
+    return {"dsd_grad", "ref"} if cfg.beta > 0 else {"dsd_grad"}
+
+
+register_objective(
+    name="relax",
+    config_class=RelaxConfig,
+    needs=_relax_needs,
+    loss=lambda batch, config, grpo, state: relax_loss(batch, config, grpo),
+)

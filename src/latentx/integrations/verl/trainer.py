@@ -60,6 +60,8 @@ def prepare_config(config: DictConfig) -> LatentxSettings:
                 "algorithm.rollout_correction.bypass_mode=False"
             )
     if settings.needs_dsd:
+        if settings.relax.pad_to == -1:  # relax.preset=authors: L_max = verl's max response length
+            object.__setattr__(settings.relax, "pad_to", int(config.data.max_response_length))
         if settings.relax.beta > 0 and not need_reference_policy(config):
             raise ValueError(
                 f"latentx.relax.beta={settings.relax.beta} needs reference log-probs: set "
