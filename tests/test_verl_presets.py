@@ -419,3 +419,45 @@ def test_aux_in_reward_needs_rewards_and_groups() -> None:
         verl_step(torch.zeros(8), x, x, x, shaper.baselines, cfg)
     with pytest.raises(ValueError, match=r"verl\.aux_in_reward needs the prompt group"):
         verl_step(torch.zeros(8), x, x, x, shaper.baselines, cfg, rewards=x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer: verl.preset=release trains exactly like grpo, and says so once
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_trainer_release_run_equals_grpo_run(tmp_path) -> None:
+    from latentx.trainer import Trainer, read_metrics, resolve_config
+    from test_trainer import small_config
+
+    lines: list[str] = []
+    rows = {}
+    for name, extra in (("grpo", []), ("verl", ["verl.preset=release"])):
+        cfg = resolve_config(apply_overrides(small_config(tmp_path, name, *extra), ["steps=2"]))
+        Trainer(cfg, progress=False, log=lines.append if name == "verl" else (lambda _: None)).run()
+        rows[name] = read_metrics(cfg.run_dir)
+    for g, v in zip(rows["grpo"], rows["verl"]):
+        for key in ("loss", "pg", "reward_mean", "grad_norm"):
+            assert g[key] == v[key], key  # bit for bit: the same advantages, hence the same updates
+        # (a [B, T] advantage tensor averages over tokens in another order: round-off only)
+        assert g["adv_abs_mean"] == pytest.approx(v["adv_abs_mean"], rel=1e-6)
+        assert v["verl_active"] == 0.0
+    assert sum("verl.preset=release" in line for line in lines) == 1
+
+
+def test_objective_enabled_reruns_grpo_with_its_settings() -> None:
+    """The registry hook passes the objective's grpo settings (Dr. GRPO here) to the aux-in-reward GRPO."""
+    from latentx.objectives import GRPOConfig
+
+    grpo = GRPOConfig(advantage_std=False)
+    objective = Objective("verl", grpo=grpo, config=VerlConfig(preset="enabled"))
+    shaper = VerlShaper(VerlConfig(preset="enabled"))
+    group = torch.arange(G * R) // R
+    for rewards, x, lengths in _batches(9, steps=3):
+        r = torch.tensor(rewards)
+        mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+        sig = [torch.tensor(x[k]) for k in ("er", "erv", "era")]
+        got, _ = objective.shape_advantages(objective.advantages(r, group), *sig, mask, r, group)
+        want, _ = shaper.shape(group_advantages(r, group, std_normalize=False), *sig, mask, r, group,
+                               advantage_std=False)
+        assert torch.equal(got, want)

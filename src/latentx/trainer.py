@@ -507,6 +507,9 @@ class Trainer:
         start_step = self.step
         if self.checkpoint is not None:
             self.log(f"resuming at step {start_step} from {self.checkpoint}")
+        announce = getattr(self.objective.state, "announce", None)  # an objective's one-line notice (VERL presets)
+        if callable(announce):
+            announce(log=self.log)
         reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
                             eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
         with reporter:

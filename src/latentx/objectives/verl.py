@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -599,12 +599,18 @@ class VerlShaper:
         self.baselines = VerlBaselines()
         self._noticed = False
 
-    def announce(self) -> str | None:
-        """Log the configuration's notice the first time (returns it; None afterwards or when there is none)."""
+    def announce(self, log: Callable[[str], Any] | None = None) -> str | None:
+        """Log the configuration's notice the first time: with ``log`` (the trainer's printer) when given,
+        else on the ``latentx.verl`` logger.  Returns it; None afterwards or when there is none."""
         if self._noticed:
             return None
         self._noticed = True
-        return log_notice(self.cfg)
+        if log is None:
+            return log_notice(self.cfg)
+        note = self.cfg.notice()
+        if note:
+            log(note)
+        return note
 
     def step(
         self,
