@@ -131,6 +131,18 @@ def _state_attributes() -> set[str]:
     return {spec.state_attribute for spec in REGISTRY.values() if spec.state_attribute}
 
 
+def _takes_context(hook: Any) -> bool:
+    """Whether an advantage hook accepts the keywords ``group`` and ``grpo``."""
+    import inspect
+
+    try:
+        params = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    names = {p.name for p in params}
+    return any(p.kind is p.VAR_KEYWORD for p in params) or {"group", "grpo"} <= names
+
+
 class Objective:
     """One training objective with its configs and cross-step state (METHODS.md §3), read from the registry.
 
@@ -211,9 +223,12 @@ class Objective:
         ``signals`` maps signal names (``er``, ``erv``, ``era``, ``dsd`` ...) to per-response ``[B]`` tensors;
         ``group`` (``[B]`` prompt groups) lets a hook re-run GRPO with this objective's ``grpo`` settings.
         """
-        if self.spec.shape_advantages is None:
+        hook = self.spec.shape_advantages
+        if hook is None:
             return advantages, {}
-        return self.spec.shape_advantages(self.state, advantages, signals, mask, rewards, group=group, grpo=self.grpo)
+        if _takes_context(hook):  # hooks that declare group / grpo (or **kwargs) receive them
+            return hook(self.state, advantages, signals, mask, rewards, group=group, grpo=self.grpo)
+        return hook(self.state, advantages, signals, mask, rewards)
 
     def shape_advantages(
         self,
