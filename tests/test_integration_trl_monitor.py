@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 from latentx.dynamics import KoopmanDictionary, dsd, rank_dynamics, token_entropy  # noqa: E402
 from latentx.integrations.trl import LatentGRPOConfig  # noqa: E402
 from latentx.models import build_tiny_model  # noqa: E402
+from latentx.objectives import RelaxConfig  # noqa: E402
 from test_integration_trl import TINY, digit_reward, make_trainer  # noqa: E402
 
 MONITOR = dict(latent_monitor=True, latent_monitor_every=1, relax_m=8, relax_fit_batch_size=4, verl_stride=4)
@@ -133,7 +134,7 @@ def test_monitor_metrics_equal_latentx_dynamics(tiny_dir, tmp_path):
         batch, rows = rec["output"], rec["rows"]
         H, mask, entropy = independent_signals(tiny_dir, rec["params"], batch, rows)
         if dictionary is None:  # fitted once, on the first monitored batch, with the relax_* settings
-            dictionary = KoopmanDictionary(H.shape[-1], m=8, seed=0).fit(H, mask, lr=1e-4, batch_size=4)
+            dictionary = KoopmanDictionary.from_config(RelaxConfig(m=8, fit_batch_size=4), H.shape[-1]).fit(H, mask)
             monitor_weight = trainer.latent_monitor.koopman.dictionary.weight
             torch.testing.assert_close(monitor_weight, dictionary.weight, atol=1e-5, rtol=1e-4)
         rank = rank_dynamics(H, mask, stride=4, window=512)

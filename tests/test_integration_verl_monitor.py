@@ -19,6 +19,7 @@ from verl.workers.utils.padding import response_from_nested, response_to_nested 
 from latentx.dynamics import KoopmanDictionary, dsd, rank_dynamics, token_entropy  # noqa: E402
 from latentx.integrations.verl.monitor import monitor_batch_metrics  # noqa: E402
 from latentx.integrations.verl.settings import parse_settings, settings_to_dict  # noqa: E402
+from latentx.objectives import RelaxConfig  # noqa: E402
 from latentx.integrations.verl.worker import LatentxActorRolloutRefWorker, LatentxEngineHook  # noqa: E402
 from test_integration_verl import (  # noqa: E402
     UIDS,
@@ -140,7 +141,7 @@ def test_monitor_leaves_verl_outputs_untouched_and_logs_latentx_dynamics(monkeyp
 
     # the dictionary: fitted on the first step's trajectories with the relax settings, as for ReLaX
     H, mask, entropy = padded_reference(model, left_right_batch())
-    fitted = KoopmanDictionary(32, 6, 0).fit(H, mask, lr=1e-4, batch_size=2)
+    fitted = KoopmanDictionary.from_config(RelaxConfig(**RELAX), 32).fit(H, mask)
     torch.testing.assert_close(hook.state.dictionary.weight, fitted.weight, atol=1e-5, rtol=1e-4)
 
     # the driver: statistics from TransferQueue, nothing written back, verl's advantages untouched
