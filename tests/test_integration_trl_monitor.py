@@ -15,20 +15,10 @@ from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 from latentx.dynamics import KoopmanDictionary, dsd, rank_dynamics, token_entropy  # noqa: E402
 from latentx.integrations.trl import LatentGRPOConfig  # noqa: E402
-from latentx.models import build_tiny_model  # noqa: E402
 from latentx.objectives import RelaxConfig  # noqa: E402
-from test_integration_trl import TINY, digit_reward, make_trainer  # noqa: E402
+from test_integration_trl import digit_reward, make_trainer, tiny_dir  # noqa: E402,F401  (tiny_dir: the fixture)
 
 MONITOR = dict(latent_monitor=True, latent_monitor_every=1, relax_m=8, relax_fit_batch_size=4, verl_stride=4)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = build_tiny_model(seed=0, **TINY)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 class GradientRecorder(TrainerCallback):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from latentx.integrations.verl.signals import per_response_values
+from latentx.integrations.verl.signals import padded_field, per_response_values, response_layout
 from latentx.monitor import monitor_metrics
 from latentx.objectives.base import per_response_mean, valid_only
 
@@ -25,13 +25,6 @@ __all__ = ["MONITOR_FIELDS", "monitor_batch_metrics"]
 
 #: What :func:`monitor_batch_metrics` reads from the batch.
 MONITOR_FIELDS = ("response_mask", "rm_scores", "entropy", "latentx_er", "latentx_erv", "latentx_era", "latentx_dsd")
-
-
-def _padded(field: Tensor, batch: int, width: int) -> Tensor:
-    if getattr(field, "is_nested", False):
-        return torch.nested.to_padded_tensor(field.float(), 0.0, output_size=(batch, width))
-    field = field[:, :width].float()
-    return torch.nn.functional.pad(field, (0, width - field.shape[1])) if field.shape[1] < width else field
 
 
 def monitor_batch_metrics(data: Any, keep: Tensor | None = None) -> dict[str, float]:
@@ -42,22 +35,10 @@ def monitor_batch_metrics(data: Any, keep: Tensor | None = None) -> dict[str, fl
             nested / dense ``[B, 1]`` or ``[B]`` ``latentx_*``).
         keep: optional bool ``[B]``, False on verl's padding rows.
     """
-    missing = [key for key in MONITOR_FIELDS if key not in data.keys()]
-    if missing:
-        raise ValueError(
-            f"the latentx monitor needs the batch fields {', '.join(missing)} (latentx_* come from the actor's "
-            "old-log-prob forward: is the latentx worker in use, and algorithm.rollout_correction.bypass_mode off?)"
-        )
-    mask_field = data["response_mask"]
-    if getattr(mask_field, "is_nested", False):
-        lengths = mask_field.offsets().diff()
-        B, W = int(lengths.shape[0]), int(lengths.max()) if lengths.numel() else 0
-    else:
-        B, W = int(mask_field.shape[0]), int(mask_field.shape[1])
-    mask = _padded(mask_field, B, W).bool()
-    rewards = valid_only(_padded(data["rm_scores"], B, W), mask).sum(dim=1)
+    B, W, mask = response_layout(data, MONITOR_FIELDS, "the latentx monitor")
+    rewards = valid_only(padded_field(data["rm_scores"].float(), B, W), mask).sum(dim=1)
     values = {key[len("latentx_"):]: per_response_values(data[key], key) for key in MONITOR_FIELDS[3:]}
-    values["entropy"] = per_response_mean(valid_only(_padded(data["entropy"], B, W), mask), mask)
+    values["entropy"] = per_response_mean(valid_only(padded_field(data["entropy"].float(), B, W), mask), mask)
     if keep is not None:
         keep = keep.to(torch.bool).cpu()
         if keep.shape != (B,):
