@@ -69,6 +69,10 @@ def save_checkpoint(
     try:
         model.save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
+        from latentx.vision import processor_of
+
+        if processor_of(tokenizer) is not None:  # a VLM: its image processor reloads with the model
+            processor_of(tokenizer).save_pretrained(tmp / "model")
         torch.save(trainer_state, tmp / "trainer_state.pt")
         if dictionary is not None:
             dictionary.save(tmp / "koopman.safetensors")
