@@ -47,7 +47,7 @@ def version_cmd() -> None:
 @app.command("train")
 def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections as in config.yaml)."),
-    objective: Optional[str] = typer.Option(None, help="grpo | relax | verl | entropy_bonus | kl_cov | clip_cov"),
+    objective: Optional[str] = typer.Option(None, help="a registered objective: grpo | relax | verl | entropy_bonus | kl_cov | clip_cov"),
     model: Optional[str] = typer.Option(None, help="tiny | local dir | hub id | .gguf | run dir"),
     task: Optional[str] = typer.Option(None, help="countdown | math | a registered task"),
     steps: Optional[int] = typer.Option(None, help="number of RL steps"),

@@ -57,9 +57,19 @@ class Sequences:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
 
+    def to(self, device: torch.device | str) -> "Sequences":
+        """The same sequences with every tensor on ``device`` (texts are shared)."""
+        return Sequences(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            prompt_length=self.prompt_length,
+            response_mask=self.response_mask.to(device),
+            texts=self.texts,
+        )
+
     def select(self, index: torch.Tensor | slice) -> "Sequences":
         """The sub-batch ``index`` (trailing all-padding columns trimmed to keep forwards small)."""
-        rows = torch.arange(self.input_ids.shape[0])[index]
+        rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[index]
         resp = self.response_mask[rows]
         t = int(resp.sum(1).max().item()) if resp.numel() else 0
         t = max(t, 1)

@@ -118,7 +118,7 @@ class StudyConfig:
         sizes: dict[int, list[str]] = {}
         for key in self.tune:
             section = key.split(".", 1)[0]
-            if "." not in key or section not in OBJECTIVES or section == "grpo":
+            if "." not in key or section not in OBJECTIVES or OBJECTIVES[section].config_class is None:
                 raise ValueError(
                     f"study.tune: {key!r} must be <objective>.<field> for a non-GRPO objective "
                     f"(grpo.* settings are shared by every objective, so tuning them is not per objective)"
@@ -636,7 +636,8 @@ def aggregate(base: "TrainConfig", study: StudyConfig, jobs: dict[tuple[str, int
 def _color(objective: str) -> str:
     from latentx.trainer import OBJECTIVES
 
-    return "0.25" if objective == "grpo" else f"C{OBJECTIVES.index(objective) - 1}"
+    names = list(OBJECTIVES)
+    return "0.25" if names.index(objective) == 0 else f"C{names.index(objective) - 1}"  # the first (GRPO) in grey
 
 
 def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:

@@ -32,10 +32,10 @@ import torch
 from latentx import dynamics
 from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from latentx.config import atomic_write_text, save_yaml, to_dict
+from latentx.objectives import REGISTRY, Objective
 from latentx.objectives.base import GRPOConfig, PolicyBatch, per_response_mean
 from latentx.objectives.clip_cov import ClipCovConfig
 from latentx.objectives.entropy_bonus import EntropyBonusConfig
-from latentx.objectives import Objective
 from latentx.objectives.kl_cov import KLCovConfig
 from latentx.objectives.relax import RelaxConfig
 from latentx.objectives.verl import VerlConfig
@@ -43,7 +43,8 @@ from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_res
 from latentx.tasks import TaskConfig
 from latentx.warmstart import WarmStartConfig
 
-OBJECTIVES = ("grpo", "relax", "verl", "entropy_bonus", "kl_cov", "clip_cov")
+#: The objective names the trainer runs: the registry itself (iterating gives the names, in order).
+OBJECTIVES = REGISTRY
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class FinalEvalConfig:
 class TrainConfig:
     """Everything a run needs; ``latentx train`` builds it from defaults, ``--config`` YAML and flags."""
 
-    objective: Literal["grpo", "relax", "verl", "entropy_bonus", "kl_cov", "clip_cov"] = "relax"
+    objective: str = "relax"  # a name in latentx.objectives.REGISTRY
     steps: int = 100
     seed: int = 0
     out: str = ""  # default: runs/<objective>-<task>-s<seed>
@@ -144,8 +145,8 @@ class TrainConfig:
     eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in REGISTRY:
+            raise ValueError(f"objective must be one of {', '.join(REGISTRY)}, got {self.objective!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.checkpoint_every < 1:
@@ -186,6 +187,27 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), std
 
 
+@dataclass
+class Rollout:
+    """One step's rollout batch; every tensor stays on the training device until the step ends.
+
+    Rows ``g*R .. g*R+R-1`` are the R responses of prompt ``g`` (``group``).  ``signals`` maps a signal
+    name (``er``, ``erv``, ``era``, ``dsd``) to its per-response ``[N]`` values on the rollout policy.
+    """
+
+    seqs: Sequences  # prompt + response tokens, [N, P + T]
+    rewards: torch.Tensor  # [N] float
+    correct: torch.Tensor  # [N] bool
+    old_logp: torch.Tensor  # [N, T] log π_old of the sampled tokens (0 at padding)
+    ref_logp: torch.Tensor | None  # [N, T] log π_ref, when a reference model is loaded
+    entropy: torch.Tensor  # [N] mean token entropy per response
+    signals: dict[str, torch.Tensor]
+    group: torch.Tensor  # [N] long, the prompt index of each response
+    time_generate: float = 0.0
+    time_signals: float = 0.0
+    time_fit: float = 0.0
+
+
 class Trainer:
     """Holds the run's state; ``run()`` trains to ``cfg.steps`` (resuming if the run dir has a checkpoint)."""
 
@@ -216,6 +238,7 @@ class Trainer:
                     self.model, self.tokenizer, self.task, cfg.warm_start, progress=progress
                 )
         self.model.to(self.device)
+        self.objective = Objective.from_config(cfg)
         # The frozen reference is the policy the run started from (after the warm start); it is saved
         # once so that a resumed run compares against the same weights.
         self.reference = None
@@ -236,8 +259,6 @@ class Trainer:
         self.sampler = np.random.default_rng(cfg.seed)
         self.dictionary: dynamics.KoopmanDictionary | None = None
         self.step = 0
-        method_config = None if cfg.objective == "grpo" else getattr(cfg, cfg.objective)
-        self.objective = Objective(cfg.objective, grpo=cfg.grpo, config=method_config, seed=cfg.seed)
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
 
@@ -247,8 +268,7 @@ class Trainer:
         choice = self.cfg.model.reference
         if choice != "auto":
             return choice == "yes"
-        method_config = None if self.cfg.objective == "grpo" else getattr(self.cfg, self.cfg.objective)
-        return "ref" in Objective(self.cfg.objective, grpo=self.cfg.grpo, config=method_config).needs
+        return "ref" in self.objective.needs
 
     @property
     def needs_dsd(self) -> bool:
@@ -331,9 +351,10 @@ class Trainer:
         self.dictionary.requires_grad_(False)
         return time.perf_counter() - start
 
-    def rollout(self) -> dict[str, Any]:
-        """Sample, score, and run the no-grad forward: everything the update needs."""
+    def rollout(self) -> "Rollout":
+        """Sample, score, and run the no-grad forward: everything the update needs, on the device."""
         cfg = self.cfg
+        dev = self.device
         t0 = time.perf_counter()
         idx = self.sampler.choice(len(self.train_pool), size=cfg.rollout.prompts_per_step, replace=False)
         instances = [self.train_pool[i] for i in idx]
@@ -343,21 +364,21 @@ class Trainer:
             self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             generation_batch_size=cfg.rollout.generation_batch_size,
-        )
+        ).to(dev)
         r = cfg.rollout.samples_per_prompt
         rewards = torch.tensor(
             [self.task.reward(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.float32
-        )
+        ).to(dev)
         correct = torch.tensor(
             [self.task.is_correct(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.bool
-        )
+        ).to(dev)
         t_gen = time.perf_counter() - t0
 
         # One no-grad forward per micro-batch: old log-probs, entropies, signals (METHODS.md §0).
         n, T = seqs.response_mask.shape
-        old_logp = torch.zeros(n, T)
-        ref_logp = torch.zeros(n, T) if self.reference is not None else None
-        entropy = torch.zeros(n)
+        old_logp = torch.zeros(n, T, device=dev)
+        ref_logp = torch.zeros(n, T, device=dev) if self.reference is not None else None
+        entropy = torch.zeros(n, device=dev)
         signals: dict[str, torch.Tensor] = {}
         refit = self.dictionary is None or (
             cfg.relax.refit_every > 0 and self.step > 0 and self.step % cfg.relax.refit_every == 0
@@ -369,17 +390,17 @@ class Trainer:
         with torch.no_grad():
             for sl in self._micro_batches(n):
                 mb = seqs.select(sl)
-                mask = mb.response_mask.to(self.device)
+                mask = mb.response_mask
                 fo = policy_forward(self.model, mb, want_hidden=need_hidden)
                 t = mb.response_length
-                old_logp[sl, :t] = fo.logp.float().cpu()
-                entropy[sl] = per_response_mean(fo.entropy, mask).cpu()
-                if self.reference is not None:
-                    ref_logp[sl, :t] = policy_forward(self.reference, mb, want_hidden=False, want_entropy=False).logp.float().cpu()
+                old_logp[sl, :t] = fo.logp.float()
+                entropy[sl] = per_response_mean(fo.entropy, mask)
+                if ref_logp is not None:
+                    ref_logp[sl, :t] = policy_forward(self.reference, mb, want_hidden=False, want_entropy=False).logp.float()
                 if need_hidden:
                     ts = time.perf_counter()
                     for key, value in self._signals(fo.hidden, mask).items():
-                        signals.setdefault(key, torch.zeros(n))[sl] = value.detach().float().cpu()
+                        signals.setdefault(key, torch.zeros(n, device=dev))[sl] = value.detach().float()
                     if fit_now:
                         kept.append((fo.hidden.detach().float(), mask))
                     t_signals += time.perf_counter() - ts
@@ -387,34 +408,25 @@ class Trainer:
         if fit_now and kept:
             fit_time = self._fit_dictionary(kept)
             ts = time.perf_counter()
-            dsd_values = torch.cat([self._dsd(h, m).detach().float().cpu() for h, m in kept])
-            signals["dsd"] = dsd_values
+            signals["dsd"] = torch.cat([self._dsd(h, m).detach().float() for h, m in kept])
             t_signals += time.perf_counter() - ts
-        return dict(
-            seqs=seqs, rewards=rewards, correct=correct, old_logp=old_logp, ref_logp=ref_logp,
-            entropy=entropy, signals=signals, time_generate=t_gen, time_signals=t_signals, time_fit=fit_time,
+        return Rollout(
+            seqs=seqs, rewards=rewards, correct=correct, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
+            signals=signals, group=torch.arange(n, device=dev) // r,
+            time_generate=t_gen, time_signals=t_signals, time_fit=fit_time,
         )
 
-    def advantages(self, ro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """GRPO advantages (METHODS.md §0), shaped by VERL when that is the objective (§3)."""
-        r = self.cfg.rollout.samples_per_prompt
-        group = torch.arange(len(ro["rewards"])) // r
-        adv = self.objective.advantages(ro["rewards"], group)
-        info: dict[str, float] = {}
-        if "rank" in self.objective.needs:
-            s = ro["signals"]
-            adv, shape_info = self.objective.shape_advantages(
-                adv, s["er"], s["erv"], s["era"], ro["seqs"].response_mask, ro["rewards"]
-            )
-            info.update({k: float(v) for k, v in shape_info.items()})
-        return adv, info
+    def advantages(self, ro: "Rollout") -> tuple[torch.Tensor, dict[str, float]]:
+        """GRPO advantages (METHODS.md §0), then the objective's advantage hook (VERL's shaping, §3)."""
+        adv = self.objective.advantages(ro.rewards, ro.group)
+        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards)
+        return adv, {k: float(v) for k, v in info.items()}
 
-    def update(self, ro: dict[str, Any], adv: torch.Tensor) -> dict[str, float]:
+    def update(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
         """Gradient step(s) on the rollout batch; micro-batch losses are weighted by their token share."""
         cfg = self.cfg
-        seqs: Sequences = ro["seqs"]
+        seqs = ro.seqs
         n = seqs.response_mask.shape[0]
-        group = torch.arange(n) // cfg.rollout.samples_per_prompt
         total_tokens = max(int(seqs.response_mask.sum()), 1)
         want_hidden = "dsd_grad" in self.objective.needs and self.dictionary is not None
         terms: dict[str, float] = {}
@@ -425,15 +437,15 @@ class Trainer:
             for sl in self._micro_batches(n):
                 mb = seqs.select(sl)
                 t = mb.response_length
-                mask = mb.response_mask.to(self.device)
+                mask = mb.response_mask
                 fo = policy_forward(self.model, mb, want_hidden=want_hidden, want_entropy=True)
                 batch = PolicyBatch(
                     logp=fo.logp,
-                    old_logp=ro["old_logp"][sl, :t].to(self.device),
+                    old_logp=ro.old_logp[sl, :t],
                     mask=mask,
-                    advantages=(adv[sl, :t] if adv.dim() == 2 else adv[sl]).to(self.device),
-                    group=group[sl].to(self.device),
-                    ref_logp=ro["ref_logp"][sl, :t].to(self.device) if ro["ref_logp"] is not None else None,
+                    advantages=adv[sl, :t] if adv.dim() == 2 else adv[sl],
+                    group=ro.group[sl],
+                    ref_logp=ro.ref_logp[sl, :t] if ro.ref_logp is not None else None,
                     entropy=fo.entropy,
                     dsd=self._dsd(fo.hidden, mask) if want_hidden else None,
                 )
@@ -457,25 +469,25 @@ class Trainer:
         t_update = time.perf_counter() - t1
         self.step += 1
 
-        seqs: Sequences = ro["seqs"]
+        seqs = ro.seqs
         r = self.cfg.rollout.samples_per_prompt
         lengths = seqs.response_mask.sum(1).float()
         adv_resp = adv if adv.dim() == 1 else (adv * seqs.response_mask).sum(1) / seqs.response_mask.sum(1).clamp(min=1)
         row: dict[str, Any] = {"step": self.step}
-        row["reward_mean"], row["reward_std"] = _mean_std(ro["rewards"])
-        row["accuracy"] = ro["correct"].float().mean().item()
-        row["group_pass_rate"] = ro["correct"].view(-1, r).any(1).float().mean().item()
-        row["entropy_mean"], row["entropy_std"] = _mean_std(ro["entropy"])
+        row["reward_mean"], row["reward_std"] = _mean_std(ro.rewards)
+        row["accuracy"] = ro.correct.float().mean().item()
+        row["group_pass_rate"] = ro.correct.view(-1, r).any(1).float().mean().item()
+        row["entropy_mean"], row["entropy_std"] = _mean_std(ro.entropy)
         row["length_mean"], row["length_std"] = _mean_std(lengths)
-        for key, value in ro["signals"].items():
+        for key, value in ro.signals.items():
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(value)
         row["adv_mean"], row["adv_std"] = _mean_std(adv_resp)
         row["adv_abs_mean"] = adv_resp.abs().mean().item()
         row.update({k: float(v) for k, v in terms.items()})
         row.update(adv_info)
-        row["time_generate"] = ro["time_generate"]
-        row["time_signals"] = ro["time_signals"]
-        row["time_fit"] = ro["time_fit"]
+        row["time_generate"] = ro.time_generate
+        row["time_signals"] = ro.time_signals
+        row["time_fit"] = ro.time_fit
         row["time_update"] = t_update
         row["time_step"] = time.perf_counter() - t0
         for key, value in row.items():
