@@ -10,6 +10,7 @@ the prompt left-padded to a common length ``P`` and the response right-padded to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ class Sequences:
     prompt_length: int  # P
     response_mask: torch.Tensor  # [N, T] bool: real response tokens (the EOS token counts)
     texts: list[str] = field(default_factory=list)  # decoded responses, without special tokens
+    vision: Any = None  # latentx.vision.VisionBatch of a VLM's prompts (row-aligned), None for text
 
     @property
     def response_length(self) -> int:
@@ -65,6 +67,7 @@ class Sequences:
             prompt_length=self.prompt_length,
             response_mask=self.response_mask.to(device),
             texts=self.texts,
+            vision=self.vision,  # moved per forward (VisionBatch.model_inputs)
         )
 
     def select(self, index: torch.Tensor | slice) -> "Sequences":
@@ -80,6 +83,7 @@ class Sequences:
             prompt_length=p,
             response_mask=resp[:, :t],
             texts=[self.texts[i] for i in rows.tolist()] if self.texts else [],
+            vision=self.vision.select(rows.cpu()) if self.vision is not None else None,
         )
 
 
@@ -108,11 +112,14 @@ def sample_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generation_batch_size: int = 256,
+    images: list[list] | None = None,
 ) -> Sequences:
     """Sample ``samples_per_prompt`` responses for each prompt with HF ``generate``.
 
     Responses of one prompt are contiguous (rows ``g*R .. g*R+R-1`` form group ``g``).  Temperature 0
-    means greedy decoding.  Everything after a response's first EOS is padding.
+    means greedy decoding.  Everything after a response's first EOS is padding.  ``images[g]`` are
+    prompt g's images for a vision-language policy (:mod:`latentx.vision`); its image placeholder ids
+    are never sampled.
     """
     if not prompts:
         raise ValueError("prompts must not be empty")
@@ -120,9 +127,12 @@ def sample_responses(
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=adds_bos(tokenizer, prompts))
-    prompt_ids = enc["input_ids"].repeat_interleave(samples_per_prompt, dim=0)
-    prompt_mask = enc["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)
+    from latentx.vision import encode_prompts
+
+    enc_ids, enc_mask, vision = encode_prompts(tokenizer, prompts, images, add_special_tokens=adds_bos(tokenizer, prompts))
+    prompt_ids = enc_ids.repeat_interleave(samples_per_prompt, dim=0)
+    prompt_mask = enc_mask.repeat_interleave(samples_per_prompt, dim=0)
+    vision = vision.repeat_interleave(samples_per_prompt) if vision is not None else None
     if prompt_ids.shape[1] == 0:
         raise ValueError("every prompt tokenized to nothing; check the task's prompt format")
     chunks = []
@@ -134,10 +144,13 @@ def sample_responses(
     )
     if temperature > 0:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if vision is not None and vision.suppress_ids:
+        gen_kwargs["suppress_tokens"] = list(vision.suppress_ids)
     for start in range(0, prompt_ids.shape[0], generation_batch_size):
         ids = prompt_ids[start : start + generation_batch_size].to(device)
         mask = prompt_mask[start : start + generation_batch_size].to(device)
-        out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        extra = {} if vision is None else vision.select(slice(start, start + generation_batch_size)).model_inputs(device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, **extra, **gen_kwargs)
         chunks.append(out[:, ids.shape[1] :].cpu())
     width = max(c.shape[1] for c in chunks)
     width = max(width, 1)
@@ -157,6 +170,7 @@ def sample_responses(
         prompt_length=prompt_ids.shape[1],
         response_mask=response_mask,
         texts=texts,
+        vision=vision,
     )
 
 
@@ -178,15 +192,22 @@ def policy_forward(model, seqs: Sequences, want_hidden: bool, want_entropy: bool
     device = next(model.parameters()).device
     ids = seqs.input_ids.to(device)
     mask = seqs.attention_mask.to(device)
+    if seqs.vision is None:
+        extra = {"position_ids": position_ids_from_mask(mask)}
+    else:  # the model derives its multimodal (3-D rope) positions from mm_token_type_ids, as in generate
+        extra = seqs.vision.model_inputs(ids.shape[1], device=device)
     out = model(
         input_ids=ids,
         attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
         output_hidden_states=want_hidden,
         use_cache=False,
+        **extra,
     )
     p, t = seqs.prompt_length, seqs.response_length
     logits = out.logits[:, p - 1 : p - 1 + t].float()
+    if seqs.vision is not None and seqs.vision.suppress_ids:  # the sampler's distribution: no image tokens
+        suppressed = torch.tensor(seqs.vision.suppress_ids, device=logits.device)
+        logits = logits.index_fill(-1, suppressed, -1e30)
     targets = ids[:, p : p + t]
     logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -41,6 +41,7 @@ from latentx.objectives.relax import RelaxConfig
 from latentx.objectives.verl import VerlConfig
 from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
 from latentx.tasks import TaskConfig
+from latentx.vision import save_tokenizer, task_images
 from latentx.warmstart import WarmStartConfig
 
 #: The objective names the trainer runs: the registry itself (iterating gives the names, in order).
@@ -249,7 +250,7 @@ class Trainer:
             else:
                 self.reference = copy.deepcopy(self.model)
                 self.reference.save_pretrained(ref_dir)
-                self.tokenizer.save_pretrained(ref_dir)
+                save_tokenizer(self.tokenizer, ref_dir)
             self.reference.eval().requires_grad_(False)
 
         self.optimizer = torch.optim.AdamW(
@@ -363,7 +364,7 @@ class Trainer:
         seqs = sample_responses(
             self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            generation_batch_size=cfg.rollout.generation_batch_size,
+            generation_batch_size=cfg.rollout.generation_batch_size, images=task_images(self.task, instances),
         ).to(dev)
         r = cfg.rollout.samples_per_prompt
         rewards = torch.tensor(
@@ -548,11 +549,12 @@ class Trainer:
         rc = self.cfg.rollout
         state = torch.get_rng_state()
         torch.manual_seed(ec.seed)
+        images = task_images(self.task, instances)
         greedy = sample_responses(self.model, self.tokenizer, prompts, 1, rc.max_new_tokens, temperature=0.0,
-                                  generation_batch_size=rc.generation_batch_size)
+                                  generation_batch_size=rc.generation_batch_size, images=images)
         sampled = sample_responses(self.model, self.tokenizer, prompts, ec.n, rc.max_new_tokens,
                                    temperature=ec.temperature, top_p=rc.top_p,
-                                   generation_batch_size=rc.generation_batch_size)
+                                   generation_batch_size=rc.generation_batch_size, images=images)
         torch.set_rng_state(state)
         mean1 = float(np.mean([self.task.is_correct(inst, text) for inst, text in zip(instances, greedy.texts)]))
         counts = [

@@ -54,7 +54,10 @@ __all__ = [
     "image_placeholder",
     "format_vision_prompt",
     "VisionBatch",
+    "encode_one",
     "encode_prompts",
+    "save_tokenizer",
+    "task_images",
     "suppressed_token_ids",
 ]
 
@@ -440,6 +443,28 @@ def suppressed_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def encode_one(tokenizer, prompt: str, images: Sequence[Any], add_special_tokens: bool = True,
+               where: str = "prompt") -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One prompt with its images through the processor: ``(ids [L], vision_row, token_types)`` where
+    ``vision_row`` holds its vision tensors and ``token_types`` its per-token fields (each ``[L]``).
+
+    The prompt must hold exactly as many image placeholders as it has images (one-line error otherwise).
+    """
+    processor = require_vision(tokenizer, where)
+    image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
+    placeholders = prompt.count(image_token)
+    if placeholders != len(images):
+        raise ValueError(
+            f"{where}: {len(images)} image(s) but {placeholders} image placeholder(s) ({image_token!r}) in its text"
+        )
+    pics = [open_image(ref, where=where) for ref in images]
+    enc = processor(text=[prompt], images=pics or None, return_tensors="pt", add_special_tokens=add_special_tokens)
+    token_types = {k: enc[k][0] for k in _TOKEN_FIELDS if k in enc}
+    row = {k: v for k, v in enc.items()
+           if k not in ("input_ids", "attention_mask", *_TOKEN_FIELDS) and isinstance(v, torch.Tensor)}
+    return enc["input_ids"][0], row, token_types
+
+
 def encode_prompts(
     tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None, add_special_tokens: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, VisionBatch | None]:
@@ -454,37 +479,62 @@ def encode_prompts(
         return enc["input_ids"], enc["attention_mask"], None
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} image lists for {len(prompts)} prompts")
-    processor = require_vision(tokenizer, "the task")
-    image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids_rows, type_rows, vision_rows = [], {k: [] for k in _TOKEN_FIELDS}, []
-    for i, (text, refs) in enumerate(zip(prompts, images)):
-        placeholders = text.count(image_token)
-        if placeholders != len(refs):
-            raise ValueError(
-                f"prompt {i}: {len(refs)} image(s) but {placeholders} image placeholder(s) "
-                f"({image_token!r}) in its text"
-            )
-        pics = [open_image(ref, where=f"prompt {i}") for ref in refs]
-        enc = processor(text=[text], images=pics or None, return_tensors="pt",
-                        add_special_tokens=add_special_tokens)
-        ids_rows.append(enc["input_ids"][0])
-        for key in _TOKEN_FIELDS:
-            if key in enc:
-                type_rows[key].append(enc[key][0])
-        vision_rows.append({k: v for k, v in enc.items()
-                            if k not in ("input_ids", "attention_mask", *_TOKEN_FIELDS) and isinstance(v, torch.Tensor)})
-    width = max(len(r) for r in ids_rows)
-    input_ids = torch.full((len(ids_rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids_rows), width), dtype=torch.long)
-    for i, row in enumerate(ids_rows):
-        input_ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    token_types = {}
-    for key, rows in type_rows.items():
-        if rows and len(rows) == len(ids_rows):
-            value = torch.zeros((len(rows), width), dtype=rows[0].dtype)
-            for i, row in enumerate(rows):
-                value[i, width - len(row):] = row
-            token_types[key] = value
-    return input_ids, mask, VisionBatch(vision_rows, token_types, suppressed_token_ids(tokenizer))
+    encoded = [encode_one(tokenizer, text, refs, add_special_tokens, where=f"prompt {i}")
+               for i, (text, refs) in enumerate(zip(prompts, images))]
+    width = max(len(ids) for ids, _, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    token_types: dict[str, torch.Tensor] = {}
+    for i, (ids, _, types) in enumerate(encoded):
+        input_ids[i, width - len(ids):] = ids
+        mask[i, width - len(ids):] = 1
+        for key, value in types.items():
+            token_types.setdefault(key, torch.zeros((len(encoded), width), dtype=value.dtype))[i, width - len(ids):] = value
+    rows = [row for _, row, _ in encoded]
+    return input_ids, mask, VisionBatch(rows, token_types, suppressed_token_ids(tokenizer))
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(directory)``, plus its processor for a VLM (so the directory reloads)."""
+    tokenizer.save_pretrained(directory)
+    processor = processor_of(tokenizer)
+    if processor is not None:
+        processor.save_pretrained(directory)
+
+
+def task_images(task, instances) -> list[list] | None:
+    """``task.images(inst)`` for every instance, or None when none has an image (a text-only task)."""
+    images = [list(task.images(inst)) for inst in instances]
+    return images if any(images) else None
+
+
+class _BlankImages:
+    """A task whose images are replaced by white ones of the same sizes (everything else delegated)."""
+
+    def __init__(self, task) -> None:
+        self._task = task
+        self.name = f"{task.name} (no image)"
+
+    def __getattr__(self, name: str):
+        return getattr(self._task, name)
+
+    def images(self, instance) -> list:
+        from PIL import Image
+
+        return [Image.new("RGB", open_image(ref, where=f"instance {instance.id}").size, "white")
+                for ref in self._task.images(instance)]
+
+    def format_prompt(self, instance, tokenizer) -> str:
+        return self._task.format_prompt(instance, tokenizer)
+
+    def reward(self, instance, response: str) -> float:
+        return self._task.reward(instance, response)
+
+    def is_correct(self, instance, response: str) -> bool:
+        return self._task.is_correct(instance, response)
+
+
+def blank_images(task):
+    """``task`` with every image blanked: the image-blind control (prompts, rewards and sizes unchanged)."""
+    return _BlankImages(task)
