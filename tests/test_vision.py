@@ -11,16 +11,16 @@ import torch
 
 from latentx import dynamics
 from latentx.models import load_model
-from latentx.rollout import Sequences, policy_forward, sample_responses
+from latentx.rollout import Sequences, _stack_extra, policy_forward, sample_responses
 from latentx.tasks import FunctionTask, get_task, register_task
 from latentx.vision import (
     VISION_TOKENS,
     blank_images,
-    encode_one,
     encode_prompts,
     format_vision_prompt,
     processor_of,
     save_tokenizer,
+    suppressed_token_ids,
     task_images,
 )
 
@@ -51,10 +51,11 @@ def test_tiny_vl_saves_and_reloads(tmp_path, tiny_vl, vcountdown):
     _, prompts, images = _prompts(vcountdown, tokenizer, 3)
     a = encode_prompts(tokenizer, prompts, images)
     b = encode_prompts(tok2, prompts, images)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2].model_inputs()["pixel_values"], b[2].model_inputs()["pixel_values"])
+    ea, eb = _stack_extra(a[2], "cpu", a[0].shape[1]), _stack_extra(b[2], "cpu", b[0].shape[1])
+    assert torch.equal(a[0], b[0]) and torch.equal(ea["pixel_values"], eb["pixel_values"])
     with torch.no_grad():
-        la = model(input_ids=a[0], attention_mask=a[1], **a[2].model_inputs()).logits
-        lb = again(input_ids=b[0], attention_mask=b[1], **b[2].model_inputs()).logits
+        la = model(input_ids=a[0], attention_mask=a[1], **ea).logits
+        lb = again(input_ids=b[0], attention_mask=b[1], **eb).logits
     assert torch.allclose(la, lb)
 
 
@@ -69,14 +70,13 @@ def test_batched_forward_equals_per_sequence_forward(tiny_vl, vcountdown):
     batched = policy_forward(model, seqs, want_hidden=True)
     for row in range(0, seqs.input_ids.shape[0], 3):
         g = row // 2
-        ids, _, _ = encode_one(tokenizer, prompts[g], images[g])
-        alone, _, vision = encode_prompts(tokenizer, [prompts[g]], [images[g]])
-        assert torch.equal(alone[0], ids)
+        alone, _, rows = encode_prompts(tokenizer, [prompts[g]], [images[g]])
+        assert torch.equal(alone[0], seqs.input_ids[row, seqs.prompt_length - alone.shape[1] : seqs.prompt_length])
         response = seqs.response_ids[row : row + 1]
         single = Sequences(
             input_ids=torch.cat([alone, response], 1),
             attention_mask=torch.cat([torch.ones_like(alone), seqs.response_mask[row : row + 1].long()], 1),
-            prompt_length=alone.shape[1], response_mask=seqs.response_mask[row : row + 1], vision=vision,
+            prompt_length=alone.shape[1], response_mask=seqs.response_mask[row : row + 1], extra_inputs=rows,
         )
         fo = policy_forward(model, single, want_hidden=True)
         m = single.response_mask[0]
@@ -84,8 +84,8 @@ def test_batched_forward_equals_per_sequence_forward(tiny_vl, vcountdown):
         assert torch.allclose(fo.hidden[0][m], batched.hidden[row][m], atol=1e-5)
     # the image is in the hidden states: blank images of the same size change them
     blank = blank_images(vcountdown)
-    _, _, blank_vision = encode_prompts(tokenizer, prompts, [blank.images(i) for i in instances])
-    seqs.vision = blank_vision.repeat_interleave(2)
+    _, _, blank_rows = encode_prompts(tokenizer, prompts, [blank.images(i) for i in instances])
+    seqs.extra_inputs = [blank_rows[k // 2] for k in range(len(seqs.extra_inputs))]
     assert (policy_forward(model, seqs, want_hidden=True).hidden - batched.hidden).abs().max() > 1e-3
 
 
@@ -95,16 +95,16 @@ def test_sampler_log_probs_equal_the_forward_and_never_emit_image_tokens(tiny_vl
     model, tokenizer = tiny_vl
     _, prompts, images = _prompts(vcountdown, tokenizer, 4)
     image_id = tokenizer.convert_tokens_to_ids(VISION_TOKENS[2])
-    ids, mask, vision = encode_prompts(tokenizer, prompts, images)
+    ids, mask, rows = encode_prompts(tokenizer, prompts, images)
     torch.manual_seed(1)
-    out = model.generate(input_ids=ids, attention_mask=mask, **vision.model_inputs(), max_new_tokens=8,
-                         do_sample=True, top_k=0, suppress_tokens=list(vision.suppress_ids), output_scores=True,
+    out = model.generate(input_ids=ids, attention_mask=mask, **_stack_extra(rows, "cpu", ids.shape[1]), max_new_tokens=8,
+                         do_sample=True, top_k=0, suppress_tokens=list(suppressed_token_ids(model)), output_scores=True,
                          return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=-1)
     response = out.sequences[:, ids.shape[1]:]
     scores = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, response[:, k : k + 1])[:, 0]
                           for k, s in enumerate(out.scores)], 1)
     seqs = Sequences(out.sequences, torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1],
-                     torch.ones_like(response, dtype=torch.bool), vision=vision)
+                     torch.ones_like(response, dtype=torch.bool), extra_inputs=rows)
     assert torch.allclose(policy_forward(model, seqs, want_hidden=False).logp, scores, atol=1e-5)
 
     hook = model.lm_head.register_forward_hook(lambda mod, inp, logits: logits.index_add(
@@ -135,7 +135,7 @@ def test_trainer_on_policy_at_step_0_and_signals_equal_an_independent_forward(tm
     trainer = Trainer(resolve_config(_vl_config(tmp_path)), progress=False)
     ro = trainer.rollout()
     seqs = ro.seqs
-    assert seqs.vision is not None and len(seqs.vision) == seqs.input_ids.shape[0]
+    assert seqs.extra_inputs is not None and len(seqs.extra_inputs) == seqs.input_ids.shape[0]
     # the update forward (train mode, per micro-batch) reproduces the rollout's old log-probs
     trainer.model.train()
     for sl in trainer._micro_batches(seqs.input_ids.shape[0]):
@@ -227,8 +227,8 @@ def test_vmath_reads_geometry3k_and_mathvista_schemas(tmp_path, tiny_vl):
     prompt = vista.format_prompt(inst, tokenizer)
     assert prompt.count(VISION_TOKENS[2]) == 1 and inst.prompt in prompt
     assert vista.reward(inst, f"so \\boxed{{{inst.answer}}}") == 1.0 and vista.reward(inst, "\\boxed{x}") == 0.0
-    ids, _, vision = encode_prompts(tokenizer, [prompt], [vista.images(inst)])
-    assert vision.model_inputs()["image_grid_thw"].shape == (1, 3)
+    _, _, rows = encode_prompts(tokenizer, [prompt], [vista.images(inst)])
+    assert rows[0]["image_grid_thw"].shape == (1, 3)
 
     table = pa.table({
         "problem": [f"<image>Find x if x = {k}." for k in range(12)],
@@ -281,4 +281,4 @@ def test_user_task_with_images(tiny_vl):
     instances = task.train_instances(3)
     seqs = sample_responses(model, tokenizer, [task.format_prompt(i, tokenizer) for i in instances], 2, 4,
                             images=task_images(task, instances))
-    assert seqs.vision is not None and seqs.input_ids.shape[0] == 6
+    assert seqs.extra_inputs is not None and seqs.input_ids.shape[0] == 6

@@ -208,12 +208,15 @@ def load_study_config(path: str | os.PathLike | None, overrides: list[str] = ())
 
 
 def evaluate_policy(trainer) -> dict[str, Any]:
-    """``Trainer.evaluate`` of the trainer's current policy (held-out Mean@1 greedy, Mean@n, Pass@k and
-    the per-problem ``correct_counts``), with the eval seed and the time it took."""
+    """``Trainer.evaluate`` of the trainer's current policy as the study's flat record (held-out Mean@1
+    greedy, Mean@n, Pass@k and the per-problem ``correct_counts``), with the eval seed and the time it took."""
+    from latentx.evaluate import headline_metrics
+
     start = time.perf_counter()
-    result = trainer.evaluate()
-    if "correct_counts" not in result:
-        raise StudyError("Trainer.evaluate returned no per-problem correct_counts; the study needs them for Pass@k")
+    try:
+        result = headline_metrics(trainer.evaluate())
+    except (ValueError, KeyError) as err:
+        raise StudyError(f"the evaluation has no per-problem correct_counts ({err}); the study needs them for Pass@k") from None
     result.update(seed=trainer.cfg.eval.seed, time_s=time.perf_counter() - start)
     return result
 

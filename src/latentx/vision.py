@@ -5,15 +5,17 @@ working on the *tokenizer* :func:`latentx.models.load_model` returns; a VLM's to
 processor (:func:`processor_of`), which turns ``(prompt, images)`` into token ids with the image
 placeholders expanded plus the vision tensors (:func:`encode_prompts`).
 
-The vision tensors of N prompts are held per row in a :class:`VisionBatch`: for every prompt its slice of
+The vision tensors of a prompt travel as its row of ``extra_inputs`` through the one generation core
+(:func:`latentx.rollout.sample_responses`) and :class:`latentx.rollout.Sequences`: its slice of
 ``pixel_values`` (its patch rows), ``image_grid_thw`` (its images' grid sizes) and its
 ``mm_token_type_ids`` (Qwen's marker of image tokens, from which the model builds its 3-D rope
 positions).  Repeating a prompt R times or selecting a micro-batch is list indexing; a forward
-concatenates the rows it needs (:meth:`VisionBatch.model_inputs`).  Image tokens only sit in the prompt,
-so the response layout of :mod:`latentx.rollout` is unchanged; the forward passes ``mm_token_type_ids``
-(response columns 0) and *no* ``position_ids``, letting the model compute its multimodal positions as
-``generate`` does.  The image placeholder ids are suppressed in sampling (:func:`suppressed_token_ids`):
-a sampled placeholder would have no image features behind it.
+concatenates the rows it needs.  Image tokens only sit in the prompt, so the response layout of
+:mod:`latentx.rollout` is unchanged; the forward passes ``mm_token_type_ids`` (response columns 0) and
+*no* ``position_ids``, letting the model compute its multimodal positions as ``generate`` does (a batched
+forward then reproduces ``generate``'s log-probs; text positions from the mask would be off by ~1e-2 on
+ragged batches).  The image placeholder ids are suppressed in sampling and in the forward's
+distribution (:func:`suppressed_token_ids`): a sampled placeholder would have no image features behind it.
 
 Built-in ``tiny-vl``: a Qwen2.5-VL with the tiny model's text sizes (hidden 64, 2 layers, 4 / 2 heads,
 ``mrope_section`` [4, 2, 2]) and a 2-block vision tower (hidden 32, output 64), about 0.22 M parameters,
@@ -29,12 +31,11 @@ from __future__ import annotations
 import io
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "TINY_VL_SPEC",
@@ -53,7 +54,8 @@ __all__ = [
     "open_image",
     "image_placeholder",
     "format_vision_prompt",
-    "VisionBatch",
+    "TOKEN_FIELDS",
+    "encode_images",
     "encode_one",
     "encode_prompts",
     "save_tokenizer",
@@ -68,8 +70,8 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # in front of the text.
 IMAGE_MARKER = "<image>"
 _PROCESSOR_ATTR = "latentx_processor"
-# Per-token fields of a processor's output that extend over the response with zeros.
-_TOKEN_FIELDS = ("mm_token_type_ids", "token_type_ids")
+# Per-token fields of a processor's output: left-padded with the prompt, extended over the response with 0.
+TOKEN_FIELDS = ("mm_token_type_ids", "token_type_ids")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,72 +383,25 @@ def format_vision_prompt(tokenizer, text: str, n_images: int, chat: bool, system
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class VisionBatch:
-    """Vision inputs of N prompt rows, one entry per row (see the module docstring).
-
-    ``rows[i]`` maps processor fields (``pixel_values``, ``image_grid_thw``, ...) to row i's tensors,
-    each concatenated along dim 0 when rows are batched.  ``token_types`` maps the per-token fields
-    (``mm_token_type_ids``) to ``[N, P]`` tensors aligned with the left-padded prompt ids.
-    """
-
-    rows: list[dict[str, torch.Tensor]]
-    token_types: dict[str, torch.Tensor] = field(default_factory=dict)
-    suppress_ids: tuple[int, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def select(self, index) -> "VisionBatch":
-        """The rows ``index`` (a slice, a list / tensor of row numbers): a view, nothing is copied."""
-        picked = torch.arange(len(self.rows))[index]
-        picked = [int(i) for i in picked.reshape(-1).tolist()]
-        return VisionBatch(
-            rows=[self.rows[i] for i in picked],
-            token_types={k: v[picked] for k, v in self.token_types.items()},
-            suppress_ids=self.suppress_ids,
-        )
-
-    def repeat_interleave(self, repeats: int) -> "VisionBatch":
-        """Every row ``repeats`` times in a row (the layout of R samples per prompt)."""
-        return self.select(torch.arange(len(self.rows)).repeat_interleave(repeats))
-
-    def model_inputs(self, total_length: int | None = None, device=None) -> dict[str, torch.Tensor]:
-        """The keyword arguments of a forward / ``generate`` over these rows: per-row tensors concatenated,
-        per-token fields right-extended with zeros to ``total_length`` columns (the response part)."""
-        out: dict[str, torch.Tensor] = {}
-        keys = sorted({key for row in self.rows for key in row})
-        for key in keys:  # rows without images (a text-only prompt in the batch) hold no vision fields
-            out[key] = torch.cat([row[key] for row in self.rows if key in row], dim=0)
-        for key, value in self.token_types.items():
-            if total_length is not None and total_length > value.shape[1]:
-                value = F.pad(value, (0, total_length - value.shape[1]), value=0)
-            out[key] = value
-        if device is not None:
-            out = {k: v.to(device) for k, v in out.items()}
-        return out
-
-
-def suppressed_token_ids(tokenizer) -> tuple[int, ...]:
-    """Token ids a VLM policy must never sample: its image (and video) placeholders."""
-    processor = processor_of(tokenizer)
-    if processor is None:
+def suppressed_token_ids(model) -> tuple[int, ...]:
+    """Token ids a VLM policy must never sample: its image (and video) placeholders (from its config);
+    empty for a text-only model."""
+    config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is None:
         return ()
     ids = set()
-    for name in ("image_token_id", "video_token_id"):
-        value = getattr(processor, name, None)
-        if isinstance(value, int) and value >= 0 and value != tokenizer.unk_token_id:
+    for name in ("image_token_id", "video_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             ids.add(value)
-    token = getattr(processor, "image_token", None)
-    if not ids and token:
-        ids.add(tokenizer.convert_tokens_to_ids(token))
     return tuple(sorted(ids))
 
 
 def encode_one(tokenizer, prompt: str, images: Sequence[Any], add_special_tokens: bool = True,
-               where: str = "prompt") -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One prompt with its images through the processor: ``(ids [L], vision_row, token_types)`` where
-    ``vision_row`` holds its vision tensors and ``token_types`` its per-token fields (each ``[L]``).
+               where: str = "prompt") -> tuple[list[int], dict[str, torch.Tensor]]:
+    """One prompt with its images through the processor: ``(ids, row)`` where ``row`` holds its vision
+    tensors (``pixel_values`` patch rows, ``image_grid_thw``, ...) and its per-token fields (``[1, L]``):
+    the per-row ``extra_inputs`` of :func:`latentx.rollout.sample_responses`.
 
     The prompt must hold exactly as many image placeholders as it has images (one-line error otherwise).
     """
@@ -459,40 +414,32 @@ def encode_one(tokenizer, prompt: str, images: Sequence[Any], add_special_tokens
         )
     pics = [open_image(ref, where=where) for ref in images]
     enc = processor(text=[prompt], images=pics or None, return_tensors="pt", add_special_tokens=add_special_tokens)
-    token_types = {k: enc[k][0] for k in _TOKEN_FIELDS if k in enc}
-    row = {k: v for k, v in enc.items()
-           if k not in ("input_ids", "attention_mask", *_TOKEN_FIELDS) and isinstance(v, torch.Tensor)}
-    return enc["input_ids"][0], row, token_types
+    row = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)}
+    return enc["input_ids"][0].tolist(), row
 
 
-def encode_prompts(
-    tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None, add_special_tokens: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, VisionBatch | None]:
-    """``(input_ids, attention_mask, vision)`` of ``prompts`` left-padded to one length.
-
-    ``images[i]`` are prompt i's images (PIL images, paths or bytes); with no images anywhere this is the
-    plain tokenizer call and ``vision`` is None.  Each prompt must hold exactly as many image
-    placeholders as it has images (a one-line error names the row otherwise).
-    """
-    if images is None or not any(len(row) for row in images):
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-        return enc["input_ids"], enc["attention_mask"], None
+def encode_images(tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+                  add_special_tokens: bool = True) -> tuple[list[list[int]], list[dict[str, torch.Tensor]]]:
+    """:func:`encode_one` for every prompt (errors name the prompt's position)."""
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} image lists for {len(prompts)} prompts")
+    pairs = [encode_one(tokenizer, text, refs, add_special_tokens, where=f"prompt {i}")
+             for i, (text, refs) in enumerate(zip(prompts, images))]
+    return [ids for ids, _ in pairs], [row for _, row in pairs]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]], add_special_tokens: bool = True):
+    """``(input_ids, attention_mask, rows)`` of ``prompts`` left-padded to one length, ``rows`` their extra
+    inputs (for a direct ``generate`` / forward: ``latentx.rollout._stack_extra(rows, device, P)``)."""
+    encoded, rows = encode_images(tokenizer, prompts, images, add_special_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_one(tokenizer, text, refs, add_special_tokens, where=f"prompt {i}")
-               for i, (text, refs) in enumerate(zip(prompts, images))]
-    width = max(len(ids) for ids, _, _ in encoded)
+    width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    token_types: dict[str, torch.Tensor] = {}
-    for i, (ids, _, types) in enumerate(encoded):
-        input_ids[i, width - len(ids):] = ids
+    for i, ids in enumerate(encoded):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask[i, width - len(ids):] = 1
-        for key, value in types.items():
-            token_types.setdefault(key, torch.zeros((len(encoded), width), dtype=value.dtype))[i, width - len(ids):] = value
-    rows = [row for _, row, _ in encoded]
-    return input_ids, mask, VisionBatch(rows, token_types, suppressed_token_ids(tokenizer))
+    return input_ids, mask, rows
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:

@@ -149,12 +149,11 @@ def warm_start_key(model, tokenizer, task: Task, cfg: WarmStartConfig) -> tuple[
 
 
 def _encode_prompt(tokenizer, prompt: str, images=None) -> tuple[list[int], tuple | None]:
-    """``(prompt_ids, vision)``: ``vision`` is a VLM prompt's ``(vision_row, token_types)`` (latentx.vision)."""
+    """``(prompt_ids, vision)``: ``vision`` is a VLM prompt's extra inputs (:func:`latentx.vision.encode_one`)."""
     if images:
         from latentx.vision import encode_one
 
-        ids, row, types = encode_one(tokenizer, prompt, images)
-        return ids.tolist(), (row, types)
+        return encode_one(tokenizer, prompt, images)
     return tokenizer(prompt).input_ids, None
 
 
@@ -177,10 +176,14 @@ def _collate(examples: list[tuple[list[int], list[int], tuple | None]], pad_id: 
         labels[row, : len(ids)] = torch.tensor(target)
         attention[row, : len(ids)] = 1
         if vision is not None:  # a VLM prompt: its vision tensors, and its per-token fields (0 elsewhere)
-            for key, value in vision[0].items():
-                vision_rows.setdefault(key, []).append(value)
-            for key, value in vision[1].items():
-                token_types.setdefault(key, torch.zeros((len(examples), width), dtype=value.dtype))[row, : len(value)] = value
+            from latentx.vision import TOKEN_FIELDS
+
+            for key, value in vision.items():
+                if key in TOKEN_FIELDS:
+                    types = token_types.setdefault(key, torch.zeros((len(examples), width), dtype=value.dtype))
+                    types[row, : value.shape[-1]] = value[0]
+                else:
+                    vision_rows.setdefault(key, []).append(value)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention, **token_types}
     batch.update({k: torch.cat(v) for k, v in vision_rows.items()})
     return {k: v.to(device) for k, v in batch.items()}
@@ -291,35 +294,23 @@ def warm_start(
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sample_accuracy(
     model, tokenizer, task: Task, instances: list[TaskInstance], k: int = 8, temperature: float = 1.0,
     max_new_tokens: int = 32, batch_size: int = 256, seed: int = 0,
 ) -> dict[str, float]:
-    """Sample ``k`` responses per instance (HF ``generate``, full distribution at ``temperature``) and
+    """Sample ``k`` responses per instance (the one evaluator, full distribution at ``temperature``) and
     return ``mean_at_k`` (fraction of correct samples) and ``pass_at_k`` (fraction of instances with at
     least one correct sample)."""
+    from latentx.evaluate import SamplingSettings, evaluate_task
+
     if k < 1 or not instances:
         raise ValueError("sample_accuracy needs k >= 1 and at least one instance")
-    device = next(model.parameters()).device
-    model.eval()
-    prompts = [task.format_prompt(inst, tokenizer) for inst in instances for _ in range(k)]
-    correct: list[bool] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for lo in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[lo: lo + batch_size], return_tensors="pt", padding=True).to(device)
-            out = model.generate(
-                **batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
-            texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-            for offset, text in enumerate(texts):
-                correct.append(task.is_correct(instances[(lo + offset) // k], text))
-    per_instance = [correct[i * k: (i + 1) * k] for i in range(len(instances))]
+    settings = SamplingSettings(n=k, temperature=temperature, max_new_tokens=max_new_tokens, ks=(k,))
+    result = evaluate_task(model, tokenizer, task, instances, settings, batch_size=batch_size, seed=seed,
+                           benchmark="warm_start")
     return {
-        "mean_at_k": sum(correct) / len(correct),
-        "pass_at_k": sum(any(c) for c in per_instance) / len(per_instance),
+        "mean_at_k": result.metrics[f"mean@{k}"],
+        "pass_at_k": result.metrics[f"pass@{k}"],
         "k": k,
         "instances": len(instances),
     }
