@@ -37,6 +37,8 @@ from typing import Any, Sequence
 
 import torch
 
+from latentx.models import TinyModelConfig
+
 __all__ = [
     "TINY_VL_SPEC",
     "VISION_TOKENS",
@@ -80,16 +82,10 @@ TOKEN_FIELDS = ("mm_token_type_ids", "token_type_ids")
 
 
 @dataclass
-class TinyVLConfig:
-    """Sizes of the built-in ``tiny-vl`` model (text part as :class:`latentx.models.TinyModelConfig`)."""
+class TinyVLConfig(TinyModelConfig):
+    """Sizes of the built-in ``tiny-vl`` model: the text part of :class:`latentx.models.TinyModelConfig`,
+    plus Qwen's multimodal rope split, the vision tower and the image processor's pixel bounds."""
 
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 256
-    max_position_embeddings: int = 512
-    rope_theta: float = 10000.0
     mrope_section: tuple[int, int, int] = (4, 2, 2)
     vision_depth: int = 2
     vision_hidden_size: int = 32
@@ -99,25 +95,23 @@ class TinyVLConfig:
     max_pixels: int = 28 * 28 * 16
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "intermediate_size", "max_position_embeddings", "vision_depth", "vision_hidden_size",
-                     "vision_heads", "vision_intermediate_size", "min_pixels", "max_pixels"):
+        super().__post_init__()
+        for name in ("vision_depth", "vision_hidden_size", "vision_heads", "vision_intermediate_size",
+                     "min_pixels", "max_pixels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"tiny_vl.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"tiny_model.{name} must be a positive integer, got {value!r}")
         head_dim = self.hidden_size // self.num_attention_heads
-        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("tiny_vl: hidden_size must divide by num_attention_heads, and heads by kv heads")
         self.mrope_section = tuple(int(v) for v in self.mrope_section)
         if len(self.mrope_section) != 3 or 2 * sum(self.mrope_section) != head_dim:
             raise ValueError(
-                f"tiny_vl.mrope_section must be 3 integers summing to head_dim/2 = {head_dim // 2}, "
+                f"tiny_model.mrope_section must be 3 integers summing to head_dim/2 = {head_dim // 2}, "
                 f"got {list(self.mrope_section)}"
             )
         if self.vision_hidden_size % self.vision_heads or (self.vision_hidden_size // self.vision_heads) % 4:
-            raise ValueError("tiny_vl.vision_hidden_size / vision_heads must be a multiple of 4")
+            raise ValueError("tiny_model.vision_hidden_size / vision_heads must be a multiple of 4")
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"tiny_vl.min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+            raise ValueError(f"tiny_model.min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
 
 
 def _processor_class():
@@ -190,7 +184,7 @@ def build_tiny_vl_model(seed: int = 0, **overrides):
             fullatt_block_indexes=[cfg.vision_depth - 1], window_size=56,
         ),
         vision_start_token_id=start, vision_end_token_id=end, image_token_id=image, video_token_id=video,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
     config.latentx_tiny_vl = asdict(cfg) | {"seed": int(seed), "mrope_section": list(cfg.mrope_section)}
     with torch.random.fork_rng(devices=[]):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from latentx.tasks.base import TaskInstance, register_task
-from latentx.tasks.math_task import BOXED_INSTRUCTION, PLAIN_TEMPLATE, MathTask
+from latentx.tasks.math_task import MathTask
 
 __all__ = ["VMathTask", "IMAGE_KEYS"]
 
@@ -56,26 +56,9 @@ class VMathTask(MathTask):
 
     name = "vmath"
 
-    def __init__(
-        self,
-        path: str | None = None,
-        image_key: str | None = None,
-        image_root: str | None = None,
-        problem_key: str | None = None,
-        answer_key: str | None = None,
-        limit: int | None = None,
-        on_error: Literal["raise", "skip"] = "raise",
-        eval_path: str | None = None,
-        eval_fraction: float = 0.1,
-        chat: bool | None = None,
-        system_prompt: str = BOXED_INSTRUCTION,
-        plain_template: str = PLAIN_TEMPLATE,
-        solution_key: str | None = None,
-        grade_timeout: float = 5.0,
-    ) -> None:
-        super().__init__(path=path, problem_key=problem_key, answer_key=answer_key, limit=limit, on_error=on_error,
-                         eval_path=eval_path, eval_fraction=eval_fraction, chat=chat, system_prompt=system_prompt,
-                         plain_template=plain_template, solution_key=solution_key, grade_timeout=grade_timeout)
+    def __init__(self, path: str | None = None, image_key: str | None = None, image_root: str | None = None,
+                 eval_path: str | None = None, **options) -> None:
+        super().__init__(path=path, eval_path=eval_path, **options)
         self.image_key = image_key
         self.image_root = image_root
         digest = hashlib.sha256(self.problems_sha256.encode())
