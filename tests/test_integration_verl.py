@@ -574,6 +574,7 @@ def test_trainer_compute_advantage_shapes_through_transfer_queue(monkeypatch):
             return len(self.keys)
 
     trainer = object.__new__(vtrainer.LatentxPPOTrainerSync)
+    trainer.latentx_settings = parse_settings({"objective": "verl"})
     trainer.latentx_shaper = VerlShaper(VerlConfig())
     trainer.latentx_shaper.load_state_dict({"er": 4.0, "erv": 4.0, "era": 4.0, "reward_ema": 0.0, "steps": 1})
     reference = VerlShaper(VerlConfig())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from latentx.integrations.verl.signals import per_response_values
+from latentx.integrations.verl.signals import padded_field, per_response_values, response_layout
 from latentx.objectives import VerlShaper
 from latentx.objectives.base import per_response_mean, valid_only
 
@@ -25,13 +25,6 @@ __all__ = ["SHAPING_FIELDS", "shape_advantages"]
 
 #: What :func:`shape_advantages` reads from the batch.
 SHAPING_FIELDS = ("advantages", "response_mask", "rm_scores", "latentx_er", "latentx_erv", "latentx_era")
-
-
-def _padded(field: Tensor, batch: int, width: int) -> Tensor:
-    if getattr(field, "is_nested", False):
-        return torch.nested.to_padded_tensor(field, 0.0, output_size=(batch, width))
-    field = field[:, :width]
-    return torch.nn.functional.pad(field, (0, width - field.shape[1])) if field.shape[1] < width else field
 
 
 def shape_advantages(data: Any, shaper: VerlShaper, keep: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -47,21 +40,9 @@ def shape_advantages(data: Any, shaper: VerlShaper, keep: Tensor | None = None) 
     Returns:
         ``(token_advantages [B, W], info)``; W is the longest response.
     """
-    missing = [key for key in SHAPING_FIELDS if key not in data.keys()]
-    if missing:
-        raise ValueError(
-            f"latentx verl shaping needs the batch fields {', '.join(missing)} (latentx_* come from the actor's "
-            "old-log-prob forward: is the latentx worker in use, and algorithm.rollout_correction.bypass_mode off?)"
-        )
-    mask_field = data["response_mask"]
-    if getattr(mask_field, "is_nested", False):
-        lengths = mask_field.offsets().diff()
-        B, W = int(lengths.shape[0]), int(lengths.max()) if lengths.numel() else 0
-    else:
-        B, W = int(mask_field.shape[0]), int(mask_field.shape[1])
-    mask = _padded(mask_field, B, W).bool()
-    adv_tok = _padded(data["advantages"], B, W).float()
-    rewards = valid_only(_padded(data["rm_scores"], B, W), mask).sum(dim=1)
+    B, W, mask = response_layout(data, SHAPING_FIELDS, "latentx verl shaping")
+    adv_tok = padded_field(data["advantages"], B, W).float()
+    rewards = valid_only(padded_field(data["rm_scores"], B, W), mask).sum(dim=1)
     adv = per_response_mean(valid_only(adv_tok, mask), mask)
     er, erv, era = (per_response_values(data[k], k) for k in ("latentx_er", "latentx_erv", "latentx_era"))
 
