@@ -36,7 +36,16 @@ def concat_sequences(parts: list[Sequences], pad_id: int) -> Sequences:
         att.append(torch.cat([F.pad(prompt_att, (left, 0)), F.pad(response_att, (0, right))], 1))
         resp.append(F.pad(p.response_mask, (0, right), value=False))
     texts = [t for p in parts for t in p.texts]
-    return Sequences(torch.cat(ids), torch.cat(att), P, torch.cat(resp), texts)
+    ended = torch.cat([p.ended for p in parts]) if all(p.ended is not None for p in parts) else None
+    extra = None
+    if any(p.extra_inputs is not None for p in parts):
+        if any(p.prompt_length != P or p.extra_inputs is None for p in parts):
+            raise ValueError(
+                "rollout.dynamic_sampling: refilled image prompts are padded to different lengths; "
+                "turn rollout.dynamic_sampling off for this task"
+            )
+        extra = [row for p in parts for row in p.extra_inputs]
+    return Sequences(torch.cat(ids), torch.cat(att), P, torch.cat(resp), texts, ended=ended, extra_inputs=extra)
 
 
 def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
