@@ -733,3 +733,19 @@ def test_relax_terms_with_the_driver_plan_equal_unsplit_for_any_split_and_two_ra
                         ref_logp=ref, dsd=dsd0)
     out = relax_loss(batch, cfg, GRPOConfig())
     assert value == pytest.approx(float(out.parts["xp"] + out.parts["kl"]), rel=1e-6)
+
+
+def test_latentx_block_takes_verl_presets():
+    """The shipped latentx block leaves the §3b options unset, so `latentx.verl.preset=...` applies cleanly."""
+    from importlib.resources import files
+
+    from latentx.integrations.verl.settings import parse_settings
+
+    block = OmegaConf.load(str(files("latentx.integrations.verl") / "config" / "latentx_trainer.yaml")).latentx
+    block.objective = "verl"
+    assert parse_settings(block).verl.behaviour == VerlConfig().behaviour
+    block.verl.preset = "enabled"
+    assert parse_settings(block).verl.behaviour == VerlConfig(preset="enabled").behaviour
+    block.verl.dtype = "float32"
+    with pytest.raises(ValueError, match=r"^latentx\.verl\.dtype='float32' contradicts verl\.preset='enabled'"):
+        parse_settings(block)
