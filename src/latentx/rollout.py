@@ -129,14 +129,28 @@ def _devices_in_use(model) -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
-def _stack_extra(rows: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+def _stack_extra(rows: list[dict[str, torch.Tensor]], device: torch.device, prompt_width: int | None = None,
+                 total: int | None = None) -> dict[str, torch.Tensor]:
+    """The rows' extra inputs as one batch: concatenated along dim 0.  Per-token fields
+    (:data:`latentx.vision.TOKEN_FIELDS`, e.g. ``mm_token_type_ids`` ``[1, L_i]``) are aligned with the
+    left-padded prompt (``prompt_width`` columns) and extended with zeros over the response (to ``total``)."""
+    from latentx.vision import TOKEN_FIELDS
+
     if not rows or not rows[0]:
         return {}
     keys = rows[0].keys()
     for i, row in enumerate(rows):
         if row.keys() != keys:
             raise ValueError(f"extra_inputs[{i}] has keys {sorted(row)}, expected {sorted(keys)} like the first prompt")
-    return {key: torch.cat([row[key] for row in rows]).to(device) for key in keys}
+    out = {}
+    for key in keys:
+        if key in TOKEN_FIELDS and prompt_width is not None:
+            width = total or prompt_width
+            out[key] = torch.cat([F.pad(row[key], (prompt_width - row[key].shape[-1], width - prompt_width))
+                                  for row in rows]).to(device)
+        else:
+            out[key] = torch.cat([row[key] for row in rows]).to(device)
+    return out
 
 
 @torch.no_grad()
@@ -152,6 +166,7 @@ def sample_responses(
     *,
     seed: int | None = None,
     extra_inputs: list[dict[str, torch.Tensor]] | None = None,
+    images: list[list] | None = None,
     progress: bool = False,
     desc: str = "generating",
 ) -> Sequences:
@@ -174,6 +189,10 @@ def sample_responses(
       (e.g. ``{"pixel_values": [1, ...], "image_grid_thw": [1, 3]}``), each tensor with a leading
       dimension of 1; rows of a batch are concatenated along dim 0.  They are kept per row in
       ``Sequences.extra_inputs`` so that :func:`policy_forward` scores the responses with them.
+    - ``images``: optional, prompt g's images (a vision-language policy, :mod:`latentx.vision`): the
+      prompts are encoded by the model's processor (placeholders expanded), the vision tensors become the
+      rows' extra inputs (``pixel_values`` rows, ``image_grid_thw``, per-token ``mm_token_type_ids``), and
+      the image placeholder ids are never sampled (:func:`latentx.vision.suppressed_token_ids`).
     - The model's training flag is restored.
     """
     if not prompts:
@@ -191,7 +210,15 @@ def sample_responses(
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     special = adds_bos(tokenizer, prompts)
-    encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
+    suppress: list[int] = []
+    if images is not None and any(images):
+        from latentx.vision import encode_images, suppressed_token_ids
+
+        encoded, vision_rows = encode_images(tokenizer, prompts, images, add_special_tokens=special)
+        extra_inputs = [{**(extra_inputs[i] if extra_inputs else {}), **row} for i, row in enumerate(vision_rows)]
+        suppress = list(suppressed_token_ids(model))
+    else:
+        encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} tokenises to nothing: {prompts[i][:80]!r}; check the task's prompt format")
@@ -202,6 +229,8 @@ def sample_responses(
                             do_sample=not greedy)
     if not greedy:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if suppress:
+        gen_kwargs["suppress_tokens"] = suppress
     outputs: dict[tuple[int, int], list[int]] = {}
     was_training = model.training
     model.eval()
@@ -218,7 +247,7 @@ def sample_responses(
                 for row, (i, _) in enumerate(batch):
                     input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
                     attention[row, width - len(encoded[i]) :] = 1
-                extra = _stack_extra([extra_inputs[i] for i, _ in batch], device) if extra_inputs else {}
+                extra = _stack_extra([extra_inputs[i] for i, _ in batch], device, width) if extra_inputs else {}
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                      **extra, **gen_kwargs)
                 for job, tokens in zip(batch, out[:, width:].cpu().tolist()):
@@ -277,17 +306,32 @@ class ForwardOutput:
 def _model_inputs(seqs: Sequences, device: torch.device) -> dict:
     ids = seqs.input_ids.to(device)
     mask = seqs.attention_mask.to(device)
-    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-    if seqs.extra_inputs:
-        inputs.update(_stack_extra(seqs.extra_inputs, device))
+    inputs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    if seqs.extra_inputs:  # e.g. a VLM: the model derives its (3-D rope) positions from mm_token_type_ids
+        inputs.update(_stack_extra(seqs.extra_inputs, device, seqs.prompt_length, ids.shape[1]))
+    else:
+        inputs["position_ids"] = position_ids_from_mask(mask)
     return inputs
 
 
-def _response_scores(logits: torch.Tensor, targets: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π of ``targets`` and the token entropies from response-position ``logits [N, T, V]`` (float32)."""
+def _suppressed(model, seqs: Sequences) -> tuple[int, ...]:
+    """Token ids the sampler never draws for these sequences (a VLM's image placeholders)."""
+    if not seqs.extra_inputs:
+        return ()
+    from latentx.vision import suppressed_token_ids
+
+    return tuple(suppressed_token_ids(model))
+
+
+def _response_scores(logits: torch.Tensor, targets: torch.Tensor, want_entropy: bool,
+                     suppressed: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π of ``targets`` and the token entropies from response-position ``logits [N, T, V]`` (float32);
+    ``suppressed`` ids get logit -1e30 (the sampler's distribution: they are never sampled)."""
     from latentx.dynamics import token_entropies
 
     logits = logits.float()
+    if suppressed:
+        logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), -1e30)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     entropy = token_entropies(logits) if want_entropy else torch.zeros_like(logp)
     return logp, entropy
@@ -321,7 +365,8 @@ def _plain_head(model):
     return head if isinstance(head, torch.nn.Linear) else None
 
 
-def _chunked_scores(head, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunked_scores(head, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool,
+                    suppressed: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_response_scores` of ``head(hidden)``, a few positions at a time: never more than
     :data:`SCORE_CHUNK_ELEMENTS` logits alive.  With grad, each chunk is checkpointed (its logits are
     recomputed in the backward pass instead of kept), so the graph holds only the hidden states; when
@@ -332,7 +377,7 @@ def _chunked_scores(head, hidden: torch.Tensor, targets: torch.Tensor, want_entr
     step = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * head.out_features))
 
     def score(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _response_scores(head(h), y, want_entropy)
+        return _response_scores(head(h), y, want_entropy, suppressed)
 
     parts = []
     for lo in range(0, t, step):
@@ -378,10 +423,11 @@ def policy_forward(model, seqs: Sequences, want_hidden: bool, want_entropy: bool
         raise ValueError(f"the backbone of {type(model).__name__} ran {len(captured)} times in one forward; expected once")
     states = captured[0][:, p - 1 : p - 1 + t]
     targets = inputs["input_ids"][:, p : p + t]
+    suppressed = _suppressed(model, seqs)
     if head is not None:
-        logp, entropy = _chunked_scores(head, states, targets, want_entropy)
+        logp, entropy = _chunked_scores(head, states, targets, want_entropy, suppressed)
     else:
-        logp, entropy = _response_scores(out.logits[:, :t], targets, want_entropy)
+        logp, entropy = _response_scores(out.logits[:, :t], targets, want_entropy, suppressed)
     return ForwardOutput(logp=logp, entropy=entropy, hidden=states if want_hidden else None)
 
 
@@ -393,7 +439,8 @@ def policy_forward_reference(model, seqs: Sequences, want_hidden: bool, want_ent
     inputs = _model_inputs(seqs, device)
     out = model(**inputs, output_hidden_states=want_hidden)
     p, t = seqs.prompt_length, seqs.response_length
-    logp, entropy = _response_scores(out.logits[:, p - 1 : p - 1 + t], inputs["input_ids"][:, p : p + t], want_entropy)
+    logp, entropy = _response_scores(out.logits[:, p - 1 : p - 1 + t], inputs["input_ids"][:, p : p + t], want_entropy,
+                                     _suppressed(model, seqs))
     hidden = None
     if want_hidden:
         states = getattr(out, "hidden_states", None)

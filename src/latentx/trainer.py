@@ -32,6 +32,7 @@ import torch
 from latentx import dynamics
 from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from latentx.config import atomic_write_text, save_yaml, to_dict
+from latentx.monitor import monitor_metrics
 from latentx.objectives import REGISTRY, Objective
 from latentx.objectives.base import GRPOConfig, PolicyBatch, per_response_mean
 from latentx.objectives.clip_cov import ClipCovConfig
@@ -39,8 +40,10 @@ from latentx.objectives.entropy_bonus import EntropyBonusConfig
 from latentx.objectives.kl_cov import KLCovConfig
 from latentx.objectives.relax import RelaxConfig
 from latentx.objectives.verl import VerlConfig
+from latentx.reporting import LoggingConfig
 from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
 from latentx.tasks import TaskConfig
+from latentx.vision import save_tokenizer, task_images
 from latentx.warmstart import WarmStartConfig
 
 #: The objective names the trainer runs: the registry itself (iterating gives the names, in order).
@@ -94,12 +97,20 @@ class SignalConfig:
     tokens.  When on, VERL's stride and ReLaX's m are scaled to ``rollout.max_new_tokens`` L as
     ``stride = clamp(L // 8, 2, 40)`` and ``m = clamp(L // 3, 4, 50)`` (both equal the papers'
     values from L = 320 / 150 tokens on); the resolved values are written to ``config.yaml``.
-    ``track``: compute ER / ERV / ERA and DSD on every step's rollouts for monitoring, even when the
-    objective does not use them (off in the overhead benchmark's GRPO baseline).
+    ``monitor``: the latent monitor (:mod:`latentx.monitor`; the TRL adapter's ``latent_monitor``, verl's
+    ``latentx.monitor``): compute ER / ERV / ERA and DSD on every step's rollouts even when the objective
+    does not use them, and log their mean, std, quantiles and correlation with reward beside the token
+    entropy's (off in the overhead benchmark's GRPO baseline).  ``track`` is its old name, still read from
+    configs written before (a set value is copied into ``monitor``).
     """
 
     auto_scale: bool = True
-    track: bool = True
+    monitor: bool = True
+    track: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.track is not None:
+            self.monitor, self.track = bool(self.track), None
 
 
 @dataclass
@@ -143,6 +154,7 @@ class TrainConfig:
     kl_cov: KLCovConfig = field(default_factory=KLCovConfig)
     clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
     eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         if self.objective not in REGISTRY:
@@ -237,6 +249,9 @@ class Trainer:
                 self.model, self.warm_info = warm_start(
                     self.model, self.tokenizer, self.task, cfg.warm_start, progress=progress
                 )
+                if self.warm_info.get("cache_hit"):
+                    log(f"warm start: {self.warm_info.get('steps')} SFT steps loaded from the cache "
+                        f"({self.warm_info['wall_time_s']:.1f} s)")
         self.model.to(self.device)
         self.objective = Objective.from_config(cfg)
         # The frozen reference is the policy the run started from (after the warm start); it is saved
@@ -249,7 +264,7 @@ class Trainer:
             else:
                 self.reference = copy.deepcopy(self.model)
                 self.reference.save_pretrained(ref_dir)
-                self.tokenizer.save_pretrained(ref_dir)
+                save_tokenizer(self.tokenizer, ref_dir)  # a VLM's processor too
             self.reference.eval().requires_grad_(False)
 
         self.optimizer = torch.optim.AdamW(
@@ -272,11 +287,11 @@ class Trainer:
 
     @property
     def needs_dsd(self) -> bool:
-        return "dsd_grad" in self.objective.needs or self.cfg.signals.track
+        return "dsd_grad" in self.objective.needs or self.cfg.signals.monitor
 
     @property
     def needs_rank(self) -> bool:
-        return "rank" in self.objective.needs or self.cfg.signals.track
+        return "rank" in self.objective.needs or self.cfg.signals.monitor
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -304,7 +319,9 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         self.warm_info = state.get("warm_info") or self.warm_info
         if (checkpoint / "koopman.safetensors").is_file():
-            self.dictionary = dynamics.KoopmanDictionary.load(checkpoint / "koopman.safetensors")
+            self.dictionary = dynamics.KoopmanDictionary.load(
+                checkpoint / "koopman.safetensors", expect=dynamics.KoopmanDictionary.config_from(self.cfg.relax)
+            )
             self.dictionary.to(self.device)
         set_rng_state(state["rng"])
         # Metrics logged after the checkpoint belong to steps that will be re-run.
@@ -321,21 +338,17 @@ class Trainer:
         size = max(r, (self.cfg.rollout.micro_batch_size // r) * r)
         return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
-    def _signals(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _signals(self, hidden: torch.Tensor, mask: torch.Tensor, fitting: bool = False) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.needs_rank:
             rd = dynamics.rank_dynamics(hidden, mask, stride=self.cfg.verl.stride, window=self.cfg.verl.window)
             out.update(er=rd.er, erv=rd.erv, era=rd.era)
-        if self.needs_dsd and self.dictionary is not None:
+        if self.needs_dsd and self.dictionary is not None and not fitting:  # a fit step: DSD after the fit
             out["dsd"] = self._dsd(hidden, mask)
         return out
 
     def _dsd(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rc = self.cfg.relax
-        return dynamics.dsd(
-            hidden, mask, self.dictionary, spectrum=rc.spectrum, residual_threshold=rc.residual_threshold,
-            ridge=rc.ridge, scaling=rc.scaling,
-        )
+        return self.dictionary.dsd(hidden, mask)
 
     def _fit_dictionary(self, trajectories: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         rc = self.cfg.relax
@@ -344,10 +357,7 @@ class Trainer:
         H = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1])) for h, _ in trajectories])
         M = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for _, m in trajectories])
         start = time.perf_counter()
-        self.dictionary = dynamics.KoopmanDictionary(hidden_size, m=rc.m, seed=rc.fit_seed).to(H.device)
-        self.dictionary.fit(
-            H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, loss=rc.fit_loss, ridge=rc.ridge, scaling=rc.scaling
-        )
+        self.dictionary = dynamics.KoopmanDictionary.from_config(rc, hidden_size).to(H.device).fit(H, M)
         self.dictionary.requires_grad_(False)
         return time.perf_counter() - start
 
@@ -363,7 +373,7 @@ class Trainer:
         seqs = sample_responses(
             self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            generation_batch_size=cfg.rollout.generation_batch_size,
+            generation_batch_size=cfg.rollout.generation_batch_size, images=task_images(self.task, instances),
         ).to(dev)
         r = cfg.rollout.samples_per_prompt
         rewards = torch.tensor(
@@ -399,7 +409,7 @@ class Trainer:
                     ref_logp[sl, :t] = policy_forward(self.reference, mb, want_hidden=False, want_entropy=False).logp.float()
                 if need_hidden:
                     ts = time.perf_counter()
-                    for key, value in self._signals(fo.hidden, mask).items():
+                    for key, value in self._signals(fo.hidden, mask, fitting=fit_now).items():
                         signals.setdefault(key, torch.zeros(n, device=dev))[sl] = value.detach().float()
                     if fit_now:
                         kept.append((fo.hidden.detach().float(), mask))
@@ -419,7 +429,7 @@ class Trainer:
     def advantages(self, ro: "Rollout") -> tuple[torch.Tensor, dict[str, float]]:
         """GRPO advantages (METHODS.md §0), then the objective's advantage hook (VERL's shaping, §3)."""
         adv = self.objective.advantages(ro.rewards, ro.group)
-        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards)
+        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards, ro.group)
         return adv, {k: float(v) for k, v in info.items()}
 
     def update(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
@@ -481,6 +491,9 @@ class Trainer:
         row["length_mean"], row["length_std"] = _mean_std(lengths)
         for key, value in ro.signals.items():
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(value)
+        # The monitor's quantiles and reward correlations (latentx.monitor: the names TRL / verl log under latent/).
+        monitored = monitor_metrics({"entropy": ro.entropy, **ro.signals}, ro.rewards)
+        row.update({key: value for key, value in monitored.items() if key not in row})
         row["adv_mean"], row["adv_std"] = _mean_std(adv_resp)
         row["adv_abs_mean"] = adv_resp.abs().mean().item()
         row.update({k: float(v) for k, v in terms.items()})
@@ -500,23 +513,47 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from latentx.reporting import Reporter, eval_tags
 
         cfg = self.cfg
         save_yaml(cfg, self.run_dir / "config.yaml")
-        if cfg.eval.enabled and self.step == 0 and "eval" not in self.warm_info:
-            self.log("evaluating the starting policy on held-out instances ...")
-            self.warm_info["eval"] = self.evaluate()
         start_step = self.step
-        rows: list[dict] = []
+        if self.checkpoint is not None:
+            self.log(f"resuming at step {start_step} from {self.checkpoint}")
+        announce = getattr(self.objective.state, "announce", None)  # an objective's one-line notice (VERL presets)
+        if callable(announce):
+            announce(log=self.log)
+        reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
+                            eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
+        with reporter:
+            if cfg.eval.enabled and self.step == 0 and "eval" not in self.warm_info:
+                self.warm_info["eval"] = self.timed_evaluate("starting policy")
+            if self.step == 0 and "eval" in self.warm_info:
+                reporter.log_eval(self.warm_info["eval"], step=0)
+            self._loop(reporter)
+            summary: dict[str, Any] = {"steps": self.step, "objective": cfg.objective, "warm_start": self.warm_info}
+            if cfg.eval.enabled:
+                summary["eval"] = self.timed_evaluate("final policy")
+                reporter.log_eval(summary["eval"], step=self.step, final=True)
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        if cfg.logging.plots:
+            self.plot()
+        return summary
+
+    def _loop(self, reporter) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.cfg
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.progress,
         ) as bar:
-            task_id = bar.add_task(f"{cfg.objective}", total=cfg.steps, completed=start_step, info="")
+            task_id = bar.add_task(f"{cfg.objective}", total=cfg.steps, completed=self.step, info="")
             while self.step < cfg.steps:
                 row = self.train_step()
-                rows.append(row)
+                reporter.log_row(row)
+                if row.get("time_fit"):
+                    self.log(f"Koopman dictionary fitted on step {self.step}'s rollouts ({row['time_fit']:.1f} s)")
                 bar.update(
                     task_id, completed=self.step,
                     info=f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
@@ -524,18 +561,24 @@ class Trainer:
                 )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
-        self.plot()
-        summary: dict[str, Any] = {"steps": self.step, "objective": cfg.objective, "warm_start": self.warm_info}
-        if cfg.eval.enabled:
-            summary["eval"] = self.evaluate()
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        return summary
 
     def plot(self) -> list[Path]:
-        from latentx.plots import plot_training_curves
+        """``<run>/plots``: the ``latentx plot`` panels of this run (curves, Pass@k, index.html)."""
+        from latentx.plots import plot_runs
 
-        rows = read_metrics(self.run_dir)
-        return plot_training_curves(rows, self.run_dir / "plots", title=f"{self.cfg.objective} on {self.cfg.task.name}") if rows else []
+        return plot_runs([self.run_dir], self.run_dir / "plots") if read_metrics(self.run_dir) else []
+
+    def timed_evaluate(self, which: str) -> dict[str, Any]:
+        """:meth:`evaluate` between two terminal lines that name it and give its result and wall time."""
+        from latentx.reporting import eval_line
+        from latentx.terminal import phase
+
+        ec = self.cfg.eval
+        with phase(f"evaluating the {which} on {ec.instances} held-out problems ({ec.n} samples each)", self.log,
+                   done=f"  {which}") as ph:
+            result = self.evaluate()
+            ph["result"] = eval_line(result)
+        return result
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4), in ``eval.json``'s
@@ -556,6 +599,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Resolve ``cfg`` and run it to completion (resuming from the run directory's latest checkpoint)."""
-    return Trainer(resolve_config(cfg), progress=progress).run()
+def train(cfg: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Resolve ``cfg`` and run it to completion (resuming from the run directory's latest checkpoint).
+    ``quiet``: no bars and no phase lines (for scripts)."""
+    from latentx.terminal import printer
+
+    return Trainer(resolve_config(cfg), progress=progress and not quiet, log=printer(quiet)).run()

@@ -34,6 +34,7 @@ from latentx import dynamics
 from latentx.objectives.base import per_response_mean
 from latentx.objectives.relax import RelaxConfig
 from latentx.rollout import Sequences, policy_forward, sample_responses
+from latentx.vision import task_images
 from latentx.tasks import Task
 
 __all__ = [
@@ -278,6 +279,7 @@ def _rollout(label: str, model, tokenizer, task, instances: list, samples: int, 
     from tqdm.auto import tqdm
 
     prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
+    images = task_images(task, instances)  # a VLM's prompts carry their images through sampler and forward
     default_correct = type(task).is_correct is Task.is_correct  # reward >= 1: grade each response once
     kept: list[tuple[Tensor, Tensor]] = []
     cols: dict[str, list] = {k: [] for k in ("prompt_index", "sample_index", "length", "entropy", "confidence",
@@ -285,7 +287,8 @@ def _rollout(label: str, model, tokenizer, task, instances: list, samples: int, 
     chunks = _chunks(len(prompts), samples, settings.batch_size)
     for part in tqdm(chunks, desc=f"{label}: sample + forward", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        seqs: Sequences = sample_responses(model, tokenizer, prompts[part], samples, max_new_tokens, temperature, top_p)
+        seqs: Sequences = sample_responses(model, tokenizer, prompts[part], samples, max_new_tokens, temperature, top_p,
+                                           images=images[part] if images else None)
         t1 = time.perf_counter()
         with torch.no_grad():
             fo = policy_forward(model, seqs, want_hidden=True)
@@ -320,10 +323,11 @@ def _fit_dictionary(kept: list[tuple[Tensor, Tensor]], lengths: np.ndarray, sett
     if not (lengths >= 3).any():
         return None, "none (no response has the 3 tokens a Koopman fit needs)"
     H, M = _pad_cat(kept)
-    dictionary = dynamics.KoopmanDictionary(H.shape[-1], m=settings.m, seed=settings.fit_seed)
-    rc = RelaxConfig()
-    dictionary.fit(H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, epochs=settings.fit_epochs, loss=rc.fit_loss,
-                   ridge=settings.ridge, scaling=settings.scaling, progress=progress)
+    dictionary = dynamics.KoopmanDictionary.from_config(
+        RelaxConfig(), H.shape[-1], m=settings.m, seed=settings.fit_seed, ridge=settings.ridge,
+        scaling=settings.scaling, fit_epochs=settings.fit_epochs,
+    )
+    dictionary.fit(H, M, progress=progress)
     dictionary.requires_grad_(False)
     return dictionary, f"fitted on these {len(lengths)} trajectories ({dictionary.steps_} Adam steps)"
 
@@ -409,8 +413,8 @@ def _koopman_signals(
             continue
         mask = _truncate(mask, part)
         with torch.no_grad():
-            info = dynamics.dsd_with_info(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
-            spectrum = dynamics.koopman_spectrum(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
+            info = dictionary.dsd_with_info(hidden, mask)  # the dictionary's own settings (METHODS.md §2)
+            spectrum = dictionary.spectrum(hidden, mask)
         dsd_rows.append(info.dsd.double().numpy())
         eig_rows.append(spectrum.eigvals.to(torch.complex128).numpy())
         res_rows.append(spectrum.residuals.double().numpy())
