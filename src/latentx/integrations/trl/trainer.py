@@ -18,6 +18,7 @@ What is overridden, and why (TRL 1.16; METHODS.md section 3):
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from torch import Tensor
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from latentx.dynamics import rank_dynamics
+from latentx.dynamics import KoopmanDictionary, rank_dynamics
 from latentx.integrations.trl.capture import capture_completion_states, find_backbone
 from latentx.integrations.trl.config import LatentGRPOConfig
 from latentx.integrations.trl.latent import (
@@ -40,7 +41,6 @@ from latentx.integrations.trl.latent import (
     relax_rollout_plan,
     verl_rollout_step,
 )
-from latentx.integrations.trl.koopman import KoopmanOps
 from latentx.objectives import (
     KLCovConfig,
     RelaxConfig,
@@ -116,10 +116,12 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._capture: _Capture | None = None
         self._gathered_rewards: Tensor | None = None
         self.verl_baselines = VerlBaselines()
-        self.koopman: KoopmanOps | None = None
+        #: The Koopman estimator (METHODS.md §2), built once from the RelaxConfig; W frozen between fits.
+        self.koopman: KoopmanDictionary | None = None
         if isinstance(self.latent_config, RelaxConfig):
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
-            self.koopman = KoopmanOps(self.latent_config, hidden_size)
+            self.koopman = KoopmanDictionary.from_config(self.latent_config, hidden_size).requires_grad_(False)
+            self.koopman.to(self.accelerator.device)
 
     # ------------------------------------------------------------------------------------------
     # hidden-state capture
@@ -186,7 +188,9 @@ class LatentGRPOTrainer(GRPOTrainer):
             return super()._generate_and_score_completions(inputs)
 
         chunks: dict[str, list[Tensor]] = {"er": [], "erv": [], "era": [], "dsd": [], "H": [], "mask": []}
-        fit_now = self.koopman is not None and self.koopman.needs_fit(self.state.global_step)
+        fit_now = self.koopman is not None and self.koopman.refit_due(
+            self.state.global_step, self.latent_config.refit_every
+        )
         capture = _Capture(keep_states=False, reduce=lambda H, mask: self._reduce_rollout_chunk(H, mask, chunks, fit_now))
         trl_forward = self._trl_runs_old_logp_forward()
         if trl_forward:
@@ -290,14 +294,20 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._record("relax_rollout", dsd=dsd, output=output, fit_states=fit_states)
 
     def _fit_koopman(self, H: Tensor, mask: Tensor, mode: str) -> None:
-        """Fit the dictionary on process 0's share of the batch and broadcast it (METHODS.md §2)."""
+        """Fit a fresh dictionary on process 0's share of the batch and broadcast W (METHODS.md §2; with P
+        processes the fit sees the B·R/P trajectories of process 0 — docs/trl.md)."""
         assert self.koopman is not None
+        step = self.state.global_step
+        loss = float("nan")
         if self.accelerator.is_main_process:
-            loss = self.koopman.fit(H, mask, self.state.global_step)
-        else:
-            loss = float("nan")
-            self.koopman.mark_fitted(self.state.global_step)
-        self.koopman.broadcast_from_main(self.accelerator)
+            self.koopman.fit(H, mask, step=step)  # where the kept states are (the CPU)
+            loss = float(self.koopman.loss_history_[-1]) if self.koopman.loss_history_ else math.nan
+        weight = self.koopman.weight.detach().to(self.accelerator.device).contiguous()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            weight = broadcast(weight, from_process=0)
+        self.koopman.to(self.accelerator.device).set_fitted_weight(weight, step=step)
         self._metrics[mode]["latent/koopman_fit_loss"].append(loss)
 
     # ------------------------------------------------------------------------------------------
@@ -425,7 +435,7 @@ class LatentGRPOTrainer(GRPOTrainer):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, LATENT_STATE_FILE), "w") as fh:
             json.dump(self.latent_state_dict(), fh)
-        if self.koopman is not None and self.koopman.fitted:
+        if self.koopman is not None and self.koopman.fitted_:
             self.koopman.save(os.path.join(directory, _KOOPMAN_FILE))
 
     def load_latent_state(self, directory: str) -> None:
@@ -434,8 +444,12 @@ class LatentGRPOTrainer(GRPOTrainer):
             raise FileNotFoundError(f"{path} does not exist (not a LatentGRPOTrainer checkpoint?)")
         with open(path) as fh:
             self.load_latent_state_dict(json.load(fh))
-        if self.koopman is not None:
-            self.koopman.load(os.path.join(directory, _KOOPMAN_FILE))
+        if self.koopman is not None:  # resume: no refit on the first rollout unless the schedule says so
+            path = os.path.join(directory, _KOOPMAN_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} does not exist: the checkpoint has no fitted Koopman dictionary")
+            self.koopman = KoopmanDictionary.load(path, device=self.koopman.weight.device, expect=self.koopman)
+            self.koopman.requires_grad_(False)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
