@@ -705,5 +705,5 @@ def test_latentx_block_takes_verl_presets():
     block.verl.preset = "enabled"
     assert parse_settings(block).verl.behaviour == VerlConfig(preset="enabled").behaviour
     block.verl.dtype = "float32"
-    with pytest.raises(ValueError, match=r"^latentx\.verl\.dtype='float32' contradicts verl\.preset='enabled'"):
+    with pytest.raises(ValueError, match=r"^latentx\.verl\.dtype='float32' contradicts latentx\.verl\.preset='enabled'"):
         parse_settings(block)
