@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from latentx.crashpoints import crash_point
+
 T = TypeVar("T")
 
 
@@ -253,6 +255,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point("atomic_write:temporary_written", path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
