@@ -117,3 +117,95 @@ def test_pass_at_k_curve_known_values():
     assert full[7] == pytest.approx(np.mean([pass_at_k(64, c, 8) for c in counts]))
     with pytest.raises(ValueError, match="at least one"):
         pass_at_k_curve([], 4)
+
+
+# ---- power, minimum detectable difference, verdicts (checked against simulation) ----
+
+from latentx.stats import (  # noqa: E402
+    min_detectable_difference,
+    paired_power,
+    pass_at_k_eval_se,
+    seeds_needed,
+    verdict,
+)
+
+
+def _simulated_power(delta: float, sd: float, n: int, sims: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    d = rng.normal(delta, sd, size=(sims, n))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+    return float(np.mean(np.abs(t) > sps.t.ppf(0.975, n - 1)))
+
+
+@pytest.mark.parametrize("n", [3, 5, 12])
+def test_power_and_mde_match_simulation(n):
+    sd = 0.04
+    mde = min_detectable_difference(sd, n)
+    assert paired_power(mde, sd, n) == pytest.approx(0.8, abs=1e-9)
+    # A simulated paired t-test at delta = MDE rejects 80 % of the time (binomial s.e. 0.4 % at 10k sims).
+    assert _simulated_power(mde, sd, n, 10_000, seed=n) == pytest.approx(0.8, abs=0.015)
+    # At delta = 0 the rejection rate is alpha.
+    assert paired_power(0.0, sd, n) == pytest.approx(0.05, abs=1e-9)
+    assert _simulated_power(0.0, sd, n, 10_000, seed=100 + n) == pytest.approx(0.05, abs=0.01)
+
+
+def test_mde_known_values_and_scaling():
+    # Normal shortcut (z.975 + z.8) * sd / sqrt(n) = 2.8016 sd/sqrt(n) is the large-n limit.
+    assert min_detectable_difference(1.0, 2000) * math.sqrt(2000) == pytest.approx(2.8016, rel=2e-3)
+    # Few seeds: the exact MDE is far above the shortcut (3 seeds: 3.26x the sd, not 1.62x).
+    assert min_detectable_difference(1.0, 3) == pytest.approx(3.264, abs=2e-3)
+    # Linear in sd, decreasing in n.
+    assert min_detectable_difference(0.2, 5) == pytest.approx(2 * min_detectable_difference(0.1, 5), rel=1e-9)
+    assert min_detectable_difference(0.1, 10) < min_detectable_difference(0.1, 5)
+    assert min_detectable_difference(0.0, 4) == 0.0
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        min_detectable_difference(0.1, 1)
+    with pytest.raises(ValueError, match="power"):
+        min_detectable_difference(0.1, 3, power=1.0)
+
+
+def test_seeds_needed_is_the_smallest_sufficient_n():
+    sd, delta = 0.05, 0.03
+    n = seeds_needed(delta, sd)
+    assert paired_power(delta, sd, n) >= 0.8 > paired_power(delta, sd, n - 1)
+    assert min_detectable_difference(sd, n) <= delta < min_detectable_difference(sd, n - 1)
+    with pytest.raises(ValueError, match="non-zero"):
+        seeds_needed(0.0, sd)
+    with pytest.raises(ValueError, match="more than"):
+        seeds_needed(1e-6, 1.0, max_seeds=100)
+
+
+def test_verdict_three_outcomes():
+    rng = np.random.default_rng(3)
+    base = rng.normal(0.8, 0.02, size=12)
+    # A clear difference with 12 seeds.
+    found = verdict(paired_test(base + 0.05 + rng.normal(0, 0.005, 12), base), target=0.03)
+    assert found.kind == "difference found" and "difference found" in found.text
+    # No difference, small spread, many seeds: powered to exclude 0.03.
+    tight = verdict(paired_test(base + rng.normal(0, 0.01, 12), base), target=0.03)
+    assert tight.kind == "no difference larger than" and tight.mde <= 0.03
+    assert f"{tight.mde:.3f}" in tight.text
+    # No difference, 3 seeds, large spread: underpowered, with the seeds the target would need.
+    few = paired_test([0.80, 0.76, 0.83], [0.79, 0.81, 0.78])
+    under = verdict(few, target=0.03)
+    assert under.kind == "cannot tell (underpowered)" and under.mde > 0.03
+    assert under.seeds_for_target is not None and under.seeds_for_target > 3
+    assert "not significant" not in under.text
+    with pytest.raises(ValueError, match="target"):
+        verdict(few, target=0.0)
+
+
+def test_pass_at_k_eval_se_matches_direct_simulation():
+    counts = [0, 1, 5, 32, 64, 10, 3]
+    n, k = 64, 8
+    se = pass_at_k_eval_se(counts, n, k, draws=2000, seed=1)
+    # Independent check: simulate the 64 samples per problem as coin flips and recompute.
+    rng = np.random.default_rng(7)
+    reps = []
+    for _ in range(2000):
+        c = [int((rng.random(n) < (ci / n)).sum()) for ci in counts]
+        reps.append(np.mean([pass_at_k(n, x, k) for x in c]))
+    assert se == pytest.approx(float(np.std(reps, ddof=1)), rel=0.08)
+    assert pass_at_k_eval_se([0, 64], n, k) == 0.0  # certain problems carry no sampling noise
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k_eval_se(counts, n, 65)

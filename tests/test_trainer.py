@@ -13,22 +13,7 @@ from latentx.config import ConfigError, apply_overrides, from_dict
 from latentx.tasks import FunctionTask, register_task
 from latentx.trainer import OBJECTIVES, TrainConfig, Trainer, read_metrics, resolve_config
 
-
-def _digit_reward(inst, response: str) -> float:
-    """Partial credit for digits: a random policy gets varied, non-zero rewards within each group."""
-    return sum(ch.isdigit() for ch in response) / max(len(response), 1)
-
-
-def _make(rng):
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
-    return f"{a} {b}>", str(a + b)
-
-
-register_task(
-    "test_digits",
-    lambda **options: FunctionTask("test_digits", reward_fn=_digit_reward, generate=_make, **options),
-    overwrite=True,
-)
+from digits_task import make_sum as _make  # registers the "test_digits" task
 
 
 def small_config(tmp_path, objective: str = "relax", *extra: str) -> TrainConfig:

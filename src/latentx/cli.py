@@ -47,7 +47,7 @@ def version_cmd() -> None:
 @app.command("train")
 def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections as in config.yaml)."),
-    objective: Optional[str] = typer.Option(None, help="grpo | relax | verl | entropy_bonus | kl_cov | clip_cov"),
+    objective: Optional[str] = typer.Option(None, help="a registered objective: grpo | relax | verl | entropy_bonus | kl_cov | clip_cov"),
     model: Optional[str] = typer.Option(None, help="tiny | local dir | hub id | .gguf | run dir"),
     task: Optional[str] = typer.Option(None, help="countdown | math | a registered task"),
     steps: Optional[int] = typer.Option(None, help="number of RL steps"),
@@ -55,7 +55,10 @@ def train_cmd(
     out: Optional[str] = typer.Option(None, help="run directory (default runs/<objective>-<task>-s<seed>)"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this directory exactly where it stopped"),
     set_: list[str] = typer.Option([], "--set", help="override any field: --set relax.alpha=0.2 (repeatable)"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
+    report_to: Optional[str] = typer.Option(
+        None, "--report-to", help="none | tensorboard | wandb, or a comma list (config: logging.report_to)"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors (for scripts)"),
 ) -> None:
     """Train a policy with GRPO, ReLaX, VERL or a token-level baseline (defaults: the laptop demo)."""
     from latentx.config import ConfigError, from_dict, load_yaml
@@ -63,7 +66,7 @@ def train_cmd(
 
     overrides = list(set_)
     for key, value in (("objective", objective), ("model.name", model), ("task.name", task),
-                       ("steps", steps), ("seed", seed), ("out", out)):
+                       ("steps", steps), ("seed", seed), ("out", out), ("logging.report_to", report_to)):
         if value is not None:
             overrides.append(f"{key}={value}")
     try:
@@ -80,22 +83,37 @@ def train_cmd(
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    summary = train(cfg, progress=not quiet)
-    _print_summary(summary, cfg)
+    from latentx.reporting import ReportingError, require_trackers
+    from latentx.terminal import silence_third_party
+
+    silence_third_party()
+    try:
+        require_trackers(cfg.logging)
+        summary = train(cfg, quiet=quiet)
+    except ReportingError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if not quiet:
+        _print_summary(summary, cfg)
 
 
 def _print_summary(summary: dict, cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from latentx.evaluate import headline_metrics
+
     console = Console()
-    ev = summary.get("eval")
-    if ev:
+    if summary.get("eval"):
+        ev = headline_metrics(summary["eval"])
+        try:
+            before = headline_metrics((summary.get("warm_start") or {}).get("eval") or {})
+        except ValueError:  # no starting evaluation (or one from an older version)
+            before = {}
         table = Table(title=f"held-out evaluation — {cfg.objective}, {ev['instances']} instances")
         table.add_column("metric")
         table.add_column("warm start", justify="right")
         table.add_column("after RL", justify="right")
-        before = (summary.get("warm_start") or {}).get("eval") or {}
         rows = [("Mean@1 (greedy)", "mean@1_greedy"), (f"Mean@{ev['n']}", f"mean@{ev['n']}")]
         for label, key in rows:
             table.add_row(label, f"{before[key]:.3f}" if key in before else "-", f"{ev[key]:.3f}")
@@ -104,7 +122,8 @@ def _print_summary(summary: dict, cfg) -> None:
             table.add_row(f"Pass@{k}", f"{b:.3f}" if b is not None else "-", f"{v:.3f}")
         table.add_row("distinct correct / problem", "-", f"{ev['distinct_correct_per_problem']:.2f}")
         console.print(table)
-    console.print(f"run directory: {cfg.run_dir}")
+    index = cfg.run_dir / "plots" / "index.html"
+    console.print(f"run directory: {cfg.run_dir}" + (f"  (plots: {index})" if index.is_file() else ""))
 
 
 # --- sub-commands (one line each; the command functions live in their own modules) ---
@@ -112,6 +131,7 @@ def _print_summary(summary: dict, cfg) -> None:
 from latentx.study import study_command; app.command("study")(study_command)  # noqa: E402,E702
 from latentx.analyze.command import analyze_cmd; app.command("analyze")(analyze_cmd)  # noqa: E402,E702
 from latentx.evaluate import eval_command; app.command("eval")(eval_command)  # noqa: E402,E702
+from latentx.plots import plot_command; app.command("plot")(plot_command)  # noqa: E402,E702
 # COMMANDS-END
 
 

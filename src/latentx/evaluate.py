@@ -58,6 +58,10 @@ __all__ = [
     "generate_vllm",
     "evaluate_model",
     "evaluate_problems",
+    "evaluate_task",
+    "results_summary",
+    "held_out_evaluation",
+    "headline_metrics",
     "run_evaluation",
     "regrade",
     "print_results",
@@ -68,6 +72,10 @@ __all__ = [
 Grader = Callable[[str, "Problem"], Union[bool, float]]
 #: ``template(problem, tokenizer) -> prompt`` for callers with their own prompt format.
 TemplateLike = Union[str, PromptTemplate, Callable[["Problem", Any], str]]
+
+#: Fields of a benchmark's ``eval.json`` entry computed from its samples (recomputed by :func:`regrade`).
+SUMMARY_FIELDS = ("settings", "num_samples", "mean_response_tokens", "truncated_fraction", "no_answer_fraction",
+                  "generation_seconds", "correct_counts", "distinct_correct_per_problem")
 
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "eval.json"
@@ -193,6 +201,20 @@ class BenchmarkResult:
     generation_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def correct_counts(self) -> list[int]:
+        """Correct samples per problem (out of ``settings.n``), in problem order: any Pass@k can be recomputed."""
+        return [c for _, c in problem_counts([s.problem_id for s in self.samples],
+                                             [s.correct for s in self.samples]).values()]
+
+    def distinct_correct(self) -> float:
+        """Mean over problems of the number of distinct (whitespace-stripped) correct responses."""
+        distinct: dict[str, set[str]] = {}
+        for s in self.samples:
+            entry = distinct.setdefault(s.problem_id, set())
+            if s.correct:
+                entry.add(s.response.strip())
+        return sum(len(v) for v in distinct.values()) / max(len(distinct), 1)
+
     def summary(self) -> dict[str, Any]:
         """The entry of this benchmark in ``eval.json``."""
         tokens = [s.num_tokens for s in self.samples]
@@ -206,6 +228,8 @@ class BenchmarkResult:
             "truncated_fraction": sum(s.truncated for s in self.samples) / max(len(self.samples), 1),
             "no_answer_fraction": sum(s.extracted is None for s in self.samples) / max(len(self.samples), 1),
             "generation_seconds": round(self.generation_seconds, 3),
+            "correct_counts": self.correct_counts(),
+            "distinct_correct_per_problem": self.distinct_correct(),
             **self.extra,
         }
 
@@ -213,15 +237,6 @@ class BenchmarkResult:
 # --------------------------------------------------------------------------------------------------
 # Generation backends
 # --------------------------------------------------------------------------------------------------
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    if configured is None:
-        return []
-    return list(configured) if isinstance(configured, (list, tuple)) else [int(configured)]
 
 
 def generate_hf(
@@ -233,84 +248,30 @@ def generate_hf(
     seed: int = 0,
     progress: bool = True,
     desc: str = "generating",
+    extra_inputs: Sequence[dict[str, Any]] | None = None,
 ) -> list[list[Completion]]:
-    """``settings.n`` completions per prompt with ``model.generate`` (batched, left-padded).
-
-    Prompts are sorted by length to waste little padding. Sampling draws from a forked torch RNG seeded
-    with ``seed``, so the caller's random state is untouched. The model's training flag is restored.
+    """``settings.n`` completions per prompt through the one generation core,
+    :func:`latentx.rollout.sample_responses` (batched, left-padded, longest prompts first, stop tokens of
+    the generation config).  Sampling draws from a forked torch RNG seeded with ``seed``, so the caller's
+    random state is untouched.  ``extra_inputs``: one dict of extra model inputs per prompt (see there).
     """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from latentx.rollout import sample_responses
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not prompts:
         return []
-    copies = 1 if settings.greedy else settings.n
     if settings.greedy and settings.n > 1:
         warnings.warn(f"greedy decoding (temperature 0) with n = {settings.n}: generating once, repeating {settings.n}x")
-    device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=not settings.greedy,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids or None,
-        **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if not settings.greedy else {}),
+    seqs = sample_responses(
+        model, tokenizer, list(prompts), settings.n, settings.max_new_tokens, temperature=settings.temperature,
+        top_p=settings.top_p, generation_batch_size=batch_size, seed=seed,
+        extra_inputs=list(extra_inputs) if extra_inputs is not None else None, progress=progress, desc=desc,
     )
-    from latentx.rollout import adds_bos
-
-    special = adds_bos(tokenizer, list(prompts))
-    encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {i} tokenises to nothing: {prompts[i][:80]!r}")
-    jobs = sorted(((i, c) for i in range(len(prompts)) for c in range(copies)), key=lambda job: -len(encoded[job[0]]))
-    results: list[list[Completion | None]] = [[None] * copies for _ in prompts]
-    was_training = model.training
-    model.eval()
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
-            torch.manual_seed(seed)
-            bar = tqdm(total=len(jobs), desc=desc, unit="sample", disable=not progress)
-            for start in range(0, len(jobs), batch_size):
-                batch = jobs[start : start + batch_size]
-                width = max(len(encoded[i]) for i, _ in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, (i, _) in enumerate(batch):
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                    attention[row, width - len(ids) :] = 1
-                output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
-                )
-                new_tokens = output[:, width:].cpu().tolist()
-                for (i, c), tokens in zip(batch, new_tokens):
-                    results[i][c] = _completion(tokens, eos_ids, pad_id, tokenizer, settings.max_new_tokens)
-                bar.update(len(batch))
-            bar.close()
-    finally:
-        model.train(was_training)
-    completions = [[c for c in row if c is not None] for row in results]
-    return [row * settings.n if copies == 1 and settings.n > 1 else row for row in completions]
-
-
-def _completion(tokens: list[int], eos_ids: list[int], pad_id: int, tokenizer: Any, max_new_tokens: int) -> Completion:
-    end = next((t for t, token in enumerate(tokens) if token in eos_ids), None)
-    if end is None:
-        kept = tokens
-        if pad_id not in eos_ids:  # generate pads finished rows; strip trailing pads
-            while kept and kept[-1] == pad_id:
-                kept = kept[:-1]
-        truncated = len(tokens) >= max_new_tokens
-        num_tokens = len(kept)
-    else:
-        kept, truncated, num_tokens = tokens[:end], False, end + 1
-    return Completion(tokenizer.decode(kept, skip_special_tokens=True), num_tokens, truncated)
+    num_tokens = seqs.response_mask.sum(1).tolist()
+    ended = seqs.ended.tolist() if seqs.ended is not None else [False] * len(num_tokens)
+    flat = [Completion(text, int(t), not e) for text, t, e in zip(seqs.texts, num_tokens, ended)]
+    return [flat[i * settings.n : (i + 1) * settings.n] for i in range(len(prompts))]
 
 
 def generate_vllm(
@@ -462,6 +423,108 @@ def evaluate_model(
     return evaluate_problems(list(problems), settings, generate, tokenizer, template, grader, benchmark, timeout, workers)
 
 
+def evaluate_task(
+    model: Any,
+    tokenizer: Any,
+    task: Any,
+    instances: Sequence[Any],
+    settings: SamplingSettings,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+    benchmark: str = "eval",
+) -> BenchmarkResult:
+    """:func:`evaluate_problems` on a training task's instances: the task's own prompt builder
+    (``task.format_prompt``) and verifier (``task.is_correct``) instead of a template and the math grader."""
+    from latentx.tasks.benchmarks import Problem
+
+    instances = list(instances)
+    ids = [str(inst.id) for inst in instances]
+    if len(set(ids)) != len(ids):  # instance ids are not guaranteed unique: fall back to positions
+        ids = [str(i) for i in range(len(instances))]
+    by_id = dict(zip(ids, instances))
+    problems = [Problem(pid, inst.prompt, str(inst.answer)) for pid, inst in zip(ids, instances)]
+
+    def generate(prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
+        return generate_hf(model, tokenizer, prompts, s, batch_size=batch_size, seed=seed, progress=progress,
+                           desc=benchmark)
+
+    return evaluate_problems(
+        problems, settings, generate, tokenizer,
+        template=lambda problem, tok: task.format_prompt(by_id[problem.id], tok),
+        grader=lambda response, problem: task.is_correct(by_id[problem.id], response),
+        benchmark=benchmark, source=getattr(task, "name", ""),
+    )
+
+
+def results_summary(header: dict[str, Any], results: Sequence[BenchmarkResult], average: bool = True) -> dict[str, Any]:
+    """The ``eval.json`` document: ``header`` fields, one entry per benchmark, and (``average``) their average."""
+    per_benchmark = {r.name: r.summary() for r in results}
+    summary = {**header, "benchmarks": per_benchmark}
+    if average:
+        summary["average"] = average_over_benchmarks({name: b["metrics"] for name, b in per_benchmark.items()})
+    return summary
+
+
+#: The two benchmark entries of a held-out evaluation (:func:`held_out_evaluation`).
+GREEDY, SAMPLED = "greedy", "sampled"
+
+
+def held_out_evaluation(
+    model: Any,
+    tokenizer: Any,
+    task: Any,
+    instances: int,
+    n: int,
+    ks: Sequence[int],
+    temperature: float,
+    seed: int,
+    max_new_tokens: int,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The training task's held-out evaluation (METHODS.md §4), in ``eval.json``'s schema.
+
+    ``instances`` problems of ``task.eval_instances(instances, seed)``, scored by the task's verifier:
+    benchmark ``"greedy"`` (n = 1, temperature 0: Mean@1 greedy) and benchmark ``"sampled"`` (``n``
+    samples at ``temperature``: Mean@n and Pass@k for ``ks``, with per-problem ``correct_counts``).  Both
+    sample with a forked RNG seeded with ``seed``: the caller's random streams do not move.  The trainer
+    writes it to ``summary.json``; ``latentx study`` evaluates finished runs with it.
+    """
+    problems = task.eval_instances(instances, seed=seed)
+    greedy = evaluate_task(model, tokenizer, task, problems, SamplingSettings(n=1, max_new_tokens=max_new_tokens),
+                           batch_size=batch_size, seed=seed, progress=progress, benchmark=GREEDY)
+    sampled_settings = SamplingSettings(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                        ks=tuple(ks))
+    sampled = evaluate_task(model, tokenizer, task, problems, sampled_settings, batch_size=batch_size, seed=seed,
+                            progress=progress, benchmark=SAMPLED)
+    header = {"task": getattr(task, "name", ""), "instances": len(problems), "seed": seed}
+    return results_summary(header, [greedy, sampled], average=False)
+
+
+def headline_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """A held-out evaluation (:func:`held_out_evaluation`) as flat headline numbers:
+    ``mean@1_greedy``, ``mean@<n>``, ``pass@k`` (``{"1": ..., "4": ...}``), ``distinct_correct_per_problem``,
+    ``correct_counts`` (of the sampled run), ``n`` and ``instances``.  Raises ``ValueError`` naming what is
+    missing when ``evaluation`` is not one."""
+    benchmarks = evaluation.get("benchmarks") if isinstance(evaluation, dict) else None
+    if not isinstance(benchmarks, dict) or GREEDY not in benchmarks or SAMPLED not in benchmarks:
+        raise ValueError(f"not a held-out evaluation: needs benchmarks {GREEDY!r} and {SAMPLED!r}, "
+                         f"got {sorted(benchmarks) if isinstance(benchmarks, dict) else evaluation!r}")
+    greedy, sampled = benchmarks[GREEDY], benchmarks[SAMPLED]
+    n = int(sampled["settings"]["n"])
+    return {
+        "instances": int(sampled["num_problems"]),
+        "n": n,
+        "mean@1_greedy": float(greedy["metrics"]["mean@1"]),
+        f"mean@{n}": float(sampled["metrics"][f"mean@{n}"]),
+        "pass@k": {key[len("pass@"):]: float(v) for key, v in sampled["metrics"].items() if key.startswith("pass@")},
+        "distinct_correct_per_problem": float(sampled["distinct_correct_per_problem"]),
+        "correct_counts": [int(c) for c in sampled["correct_counts"]],
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Runs: files, regrading, the table
 # --------------------------------------------------------------------------------------------------
@@ -469,12 +532,7 @@ def evaluate_model(
 
 def _write_run(out_dir: Path, header: dict[str, Any], results: list[BenchmarkResult]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_benchmark = {r.name: r.summary() for r in results}
-    summary = {
-        **header,
-        "benchmarks": per_benchmark,
-        "average": average_over_benchmarks({name: b["metrics"] for name, b in per_benchmark.items()}),
-    }
+    summary = results_summary(header, results)
     with (out_dir / SAMPLES_FILE).open("w", encoding="utf-8") as handle:
         for result in results:
             for sample in result.samples:
@@ -626,8 +684,7 @@ def regrade(
         settings = SamplingSettings(n=stored["n"], temperature=stored["temperature"], top_p=stored["top_p"],
                                     max_new_tokens=stored["max_new_tokens"], ks=tuple(stored["ks"]))
         extra = {k: v for k, v in entry.items() if k not in BenchmarkResult.__dataclass_fields__
-                 and k not in ("settings", "num_samples", "mean_response_tokens", "truncated_fraction",
-                               "no_answer_fraction", "generation_seconds")}
+                 and k not in SUMMARY_FIELDS}
         results.append(BenchmarkResult(name, settings, _metrics(mine, settings), mine, entry["num_problems"],
                                        entry.get("source", ""), entry.get("generation_seconds", 0.0), extra))
     return _write_run(run, header, results)

@@ -41,13 +41,21 @@ class RolloutConfig:
 
 @dataclass
 class Sequences:
-    """Token tensors of N sampled responses (prompt left-padded to P, response right-padded to T)."""
+    """Token tensors of N sampled responses (prompt left-padded to P, response right-padded to T).
+
+    ``extra_inputs``: optional, one dict per row of extra model inputs (e.g. ``pixel_values`` of a
+    vision-language prompt), each value a tensor whose first dimension is that row's batch dimension (1);
+    :func:`sample_responses` passes them to ``generate`` and :func:`policy_forward` to the forward,
+    concatenated along dim 0 for the rows of a batch.
+    """
 
     input_ids: torch.Tensor  # [N, P + T]
     attention_mask: torch.Tensor  # [N, P + T]; 0 on padding, including after the response's EOS
     prompt_length: int  # P
     response_mask: torch.Tensor  # [N, T] bool: real response tokens (the EOS token counts)
     texts: list[str] = field(default_factory=list)  # decoded responses, without special tokens
+    ended: torch.Tensor | None = None  # [N] bool: the response stopped at a stop token (else: at the length cap)
+    extra_inputs: list[dict[str, torch.Tensor]] | None = None  # per row, see the class docstring
 
     @property
     def response_length(self) -> int:
@@ -57,19 +65,34 @@ class Sequences:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
 
+    def to(self, device: torch.device | str) -> "Sequences":
+        """The same sequences with every token tensor on ``device`` (texts and extra inputs are shared)."""
+        return Sequences(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            prompt_length=self.prompt_length,
+            response_mask=self.response_mask.to(device),
+            texts=self.texts,
+            ended=self.ended.to(device) if self.ended is not None else None,
+            extra_inputs=self.extra_inputs,
+        )
+
     def select(self, index: torch.Tensor | slice) -> "Sequences":
         """The sub-batch ``index`` (trailing all-padding columns trimmed to keep forwards small)."""
-        rows = torch.arange(self.input_ids.shape[0])[index]
+        rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[index]
         resp = self.response_mask[rows]
         t = int(resp.sum(1).max().item()) if resp.numel() else 0
         t = max(t, 1)
         p = self.prompt_length
+        picked = rows.tolist()
         return Sequences(
             input_ids=self.input_ids[rows, : p + t],
             attention_mask=self.attention_mask[rows, : p + t],
             prompt_length=p,
             response_mask=resp[:, :t],
-            texts=[self.texts[i] for i in rows.tolist()] if self.texts else [],
+            texts=[self.texts[i] for i in picked] if self.texts else [],
+            ended=self.ended[rows] if self.ended is not None else None,
+            extra_inputs=[self.extra_inputs[i] for i in picked] if self.extra_inputs is not None else None,
         )
 
 
@@ -88,6 +111,34 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The stop tokens of every sampler: the model's generation-config EOS id(s), else the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return []
+    return [int(t) for t in configured] if isinstance(configured, (list, tuple)) else [int(configured)]
+
+
+def _devices_in_use(model) -> list[int]:
+    """CUDA device indices whose RNG a seeded sampler must leave as it found them: every initialised one
+    (``torch.manual_seed`` reseeds them all, not only the model's)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return list(range(torch.cuda.device_count()))
+
+
+def _stack_extra(rows: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    if not rows or not rows[0]:
+        return {}
+    keys = rows[0].keys()
+    for i, row in enumerate(rows):
+        if row.keys() != keys:
+            raise ValueError(f"extra_inputs[{i}] has keys {sorted(row)}, expected {sorted(keys)} like the first prompt")
+    return {key: torch.cat([row[key] for row in rows]).to(device) for key in keys}
+
+
 @torch.no_grad()
 def sample_responses(
     model,
@@ -98,55 +149,119 @@ def sample_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generation_batch_size: int = 256,
+    *,
+    seed: int | None = None,
+    extra_inputs: list[dict[str, torch.Tensor]] | None = None,
+    progress: bool = False,
+    desc: str = "generating",
 ) -> Sequences:
-    """Sample ``samples_per_prompt`` responses for each prompt with HF ``generate``.
+    """The one generation core: ``samples_per_prompt`` responses for each prompt with HF ``generate``.
 
-    Responses of one prompt are contiguous (rows ``g*R .. g*R+R-1`` form group ``g``).  Temperature 0
-    means greedy decoding.  Everything after a response's first EOS is padding.
+    Every sampler of latentx goes through here: training rollouts, ``latentx eval`` (through
+    :func:`latentx.evaluate.generate_hf`), the trainer's held-out evaluation, the warm start's accuracy
+    probe, ``analyze`` and ``study``.
+
+    - Rows ``g*R .. g*R+R-1`` are the responses of prompt ``g`` (group ``g``), whatever the batching:
+      jobs are generated longest prompt first (little padding) and put back in prompt order.
+    - Stop tokens: :func:`stop_token_ids` (the generation config's EOS list, else the tokenizer's EOS).
+      Everything after a response's first stop token is padding; a pad token sampled mid-response is a
+      real sampled token and stays valid.  ``ended`` says which responses stopped at a stop token.
+    - Temperature 0 is greedy; with ``samples_per_prompt > 1`` it generates once and repeats the response.
+    - RNG: ``seed=None`` draws from the global torch RNG (the training stream, which advances);
+      ``seed=s`` draws from a stream seeded with ``s`` inside ``torch.random.fork_rng`` over the CPU and
+      every initialised CUDA device, so the caller's random state is left exactly as it was.
+    - ``extra_inputs``: optional, one dict per *prompt* of extra ``generate`` / forward keyword inputs
+      (e.g. ``{"pixel_values": [1, ...], "image_grid_thw": [1, 3]}``), each tensor with a leading
+      dimension of 1; rows of a batch are concatenated along dim 0.  They are kept per row in
+      ``Sequences.extra_inputs`` so that :func:`policy_forward` scores the responses with them.
+    - The model's training flag is restored.
     """
     if not prompts:
         raise ValueError("prompts must not be empty")
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=adds_bos(tokenizer, prompts))
-    prompt_ids = enc["input_ids"].repeat_interleave(samples_per_prompt, dim=0)
-    prompt_mask = enc["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)
-    if prompt_ids.shape[1] == 0:
-        raise ValueError("every prompt tokenized to nothing; check the task's prompt format")
-    chunks = []
-    gen_kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        do_sample=temperature > 0,
-    )
-    if temperature > 0:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    for start in range(0, prompt_ids.shape[0], generation_batch_size):
-        ids = prompt_ids[start : start + generation_batch_size].to(device)
-        mask = prompt_mask[start : start + generation_batch_size].to(device)
-        out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
-        chunks.append(out[:, ids.shape[1] :].cpu())
-    width = max(c.shape[1] for c in chunks)
-    width = max(width, 1)
-    response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    if samples_per_prompt < 1 or max_new_tokens < 1 or generation_batch_size < 1:
+        raise ValueError(
+            "samples_per_prompt, max_new_tokens and generation_batch_size must be >= 1, got "
+            f"{samples_per_prompt}, {max_new_tokens}, {generation_batch_size}"
+        )
+    if extra_inputs is not None and len(extra_inputs) != len(prompts):
+        raise ValueError(f"extra_inputs must have one dict per prompt ({len(prompts)}), got {len(extra_inputs)}")
+    from tqdm.auto import tqdm
 
-    # Valid response tokens: everything up to and including the first EOS (``generate`` pads finished
-    # rows after it).  A pad token sampled mid-response is a real sampled token and stays valid.
-    if eos_id is not None:
-        is_eos = response == eos_id
-        response_mask = ~((is_eos.long().cumsum(1) - is_eos.long()) > 0)
-    else:  # no EOS: padding can only come from ``generate`` finishing a row by length elsewhere
-        response_mask = response != pad_id
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    special = adds_bos(tokenizer, prompts)
+    encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} tokenises to nothing: {prompts[i][:80]!r}; check the task's prompt format")
+    greedy = temperature == 0
+    copies = 1 if greedy else samples_per_prompt
+    jobs = sorted(((i, c) for i in range(len(prompts)) for c in range(copies)), key=lambda job: -len(encoded[job[0]]))
+    gen_kwargs: dict = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stops or None,
+                            do_sample=not greedy)
+    if not greedy:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    outputs: dict[tuple[int, int], list[int]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=_devices_in_use(model), enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            bar = tqdm(total=len(jobs), desc=desc, unit="sample", disable=not progress, leave=False)
+            for start in range(0, len(jobs), generation_batch_size):
+                batch = jobs[start : start + generation_batch_size]
+                width = max(len(encoded[i]) for i, _ in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, (i, _) in enumerate(batch):
+                    input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
+                    attention[row, width - len(encoded[i]) :] = 1
+                extra = _stack_extra([extra_inputs[i] for i, _ in batch], device) if extra_inputs else {}
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                     **extra, **gen_kwargs)
+                for job, tokens in zip(batch, out[:, width:].cpu().tolist()):
+                    outputs[job] = tokens
+                bar.update(len(batch))
+            bar.close()
+    finally:
+        model.train(was_training)
+
+    # Back in prompt order, prompts left-padded to P, responses right-padded to T.
+    order = [(i, c if copies > 1 else 0) for i in range(len(prompts)) for c in range(samples_per_prompt)]
+    p_len = max(len(ids) for ids in encoded)
+    t_len = max(1, max(len(tokens) for tokens in outputs.values()))
+    n = len(order)
+    prompt_ids = torch.full((n, p_len), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, p_len), dtype=torch.long)
+    response = torch.full((n, t_len), pad_id, dtype=torch.long)
+    for row, (i, c) in enumerate(order):
+        ids, tokens = encoded[i], outputs[(i, c)]
+        prompt_ids[row, p_len - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        prompt_mask[row, p_len - len(ids) :] = 1
+        if tokens:
+            response[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    lengths = torch.tensor([len(outputs[job]) for job in order], dtype=torch.long)
+    within = torch.arange(t_len)[None, :] < lengths[:, None]
+    if stops:  # valid: up to and including the first stop token
+        is_stop = torch.isin(response, torch.tensor(stops, dtype=torch.long)) & within
+        before_stop = (is_stop.long().cumsum(1) - is_stop.long()) == 0
+        response_mask = within & before_stop
+        ended = is_stop.any(1)
+    else:  # no stop token: ``generate`` pads rows after the length cap only; strip trailing padding
+        real = (response != pad_id) & within
+        response_mask = real.long().flip(1).cummax(1).values.flip(1).bool()
+        ended = torch.zeros(n, dtype=torch.bool)
     texts = tokenizer.batch_decode(response.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
     return Sequences(
         input_ids=torch.cat([prompt_ids, response], dim=1),
         attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-        prompt_length=prompt_ids.shape[1],
+        prompt_length=p_len,
         response_mask=response_mask,
         texts=texts,
+        ended=ended,
+        extra_inputs=[extra_inputs[i] for i, _ in order] if extra_inputs is not None else None,
     )
 
 

@@ -13,6 +13,15 @@ metric.  This module turns those numbers into what a report states:
 - :func:`holm`: Holm–Bonferroni adjusted p-values for a family of comparisons.
 - :func:`pass_at_k_curve`: the unbiased Pass@k of one run for every k = 1..n from per-problem correct
   counts (:func:`latentx.metrics.pass_at_k`, averaged over problems).
+- :func:`paired_power`, :func:`min_detectable_difference`, :func:`seeds_needed`: the power of the
+  two-sided paired t-test (exact, from the noncentral t distribution), the smallest true mean difference
+  it detects with a given power for the number of seeds used, and how many seeds a target difference
+  needs, all from the observed standard deviation of the per-seed paired differences.
+- :func:`verdict`: what a report may say about one comparison: "difference found", "no difference
+  larger than X" (X = the minimum detectable difference, when X is at most the difference that matters)
+  or "cannot tell (underpowered)" — never a bare "not significant".
+- :func:`pass_at_k_eval_se`: the evaluation noise of one run's Pass@k (parametric bootstrap of the
+  n samples per problem), to set beside the seed-to-seed spread.
 
 The t quantile and the Wilcoxon test come from SciPy.
 """
@@ -27,7 +36,21 @@ import numpy as np
 
 from latentx.metrics import pass_at_k
 
-__all__ = ["Interval", "PairedTest", "t_interval", "t_quantile", "paired_test", "holm", "pass_at_k_curve"]
+__all__ = [
+    "Interval",
+    "PairedTest",
+    "Verdict",
+    "t_interval",
+    "t_quantile",
+    "paired_test",
+    "holm",
+    "pass_at_k_curve",
+    "pass_at_k_eval_se",
+    "paired_power",
+    "min_detectable_difference",
+    "seeds_needed",
+    "verdict",
+]
 
 
 def _scipy_stats():
@@ -168,3 +191,145 @@ def pass_at_k_curve(correct_counts: Sequence[int], n: int, ks: Sequence[int] | N
         raise ValueError("pass_at_k_curve needs the correct count of at least one problem")
     ks = list(range(1, n + 1)) if ks is None else [int(k) for k in ks]
     return np.array([sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks], dtype=float)
+
+
+def _check_power_args(sd: float, n: int, alpha: float, power: float | None = None) -> None:
+    if not (math.isfinite(sd) and sd >= 0.0):
+        raise ValueError(f"sd of the paired differences must be finite and >= 0, got {sd}")
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 seeds, got n={n}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if power is not None and not 0.0 < power < 1.0:
+        raise ValueError(f"power must lie in (0, 1), got {power}")
+
+
+def paired_power(delta: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` with ``n`` pairs when the true mean
+    difference is ``delta`` and the differences have standard deviation ``sd``.
+
+    T = mean(d) / (s/√n) follows a noncentral t with n − 1 degrees of freedom and noncentrality
+    δ√n/σ; power = P(|T| > t_{1−α/2, n−1}).  ``sd = 0`` gives power 1 for δ ≠ 0 (and α for δ = 0).
+    """
+    _check_power_args(sd, n, alpha)
+    stats = _scipy_stats()
+    crit = float(stats.t.ppf(1.0 - alpha / 2.0, n - 1))
+    if sd == 0.0:
+        return 1.0 if delta != 0.0 else alpha
+    nc = abs(float(delta)) * math.sqrt(n) / sd
+    power = float(stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc))
+    if math.isnan(power):
+        # SciPy's noncentral t loses its series for large noncentralities; there the normal
+        # approximation P(T > c) ≈ Φ((nc − c·(1 − 1/(4ν))) / √(1 + c²/(2ν))) is accurate to ~1e-4.
+        nu = n - 1
+        scale = math.sqrt(1.0 + crit * crit / (2.0 * nu))
+        shift = crit * (1.0 - 1.0 / (4.0 * nu))
+        power = float(stats.norm.cdf((nc - shift) / scale) + stats.norm.cdf((-nc - shift) / scale))
+    return power
+
+
+def min_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference |δ| that the paired t-test detects with probability ``power``
+    (two-sided, level ``alpha``) with ``n`` seeds and difference standard deviation ``sd``.
+
+    Solved exactly on the noncentral t (the normal shortcut (z_{1−α/2} + z_{power})·σ/√n understates it
+    badly for few seeds).  0 when ``sd`` is 0.
+    """
+    _check_power_args(sd, n, alpha, power)
+    if sd == 0.0:
+        return 0.0
+    from scipy.optimize import brentq
+
+    hi = sd
+    while paired_power(hi, sd, n, alpha) < power:
+        hi *= 2.0
+        if hi > 1e12 * sd:  # pragma: no cover - power tends to 1, so this is never reached
+            return math.inf
+    return float(brentq(lambda d: paired_power(d, sd, n, alpha) - power, 0.0, hi, xtol=1e-12 * max(sd, 1e-300)))
+
+
+def seeds_needed(delta: float, sd: float, alpha: float = 0.05, power: float = 0.8, max_seeds: int = 10_000) -> int:
+    """The fewest seeds (>= 2) with which the paired t-test detects a true difference ``delta`` with
+    probability ``power``, given difference standard deviation ``sd``.  Raises when ``delta`` is 0 or
+    more than ``max_seeds`` would be needed."""
+    if not (math.isfinite(delta) and delta != 0.0):
+        raise ValueError(f"target difference must be finite and non-zero, got {delta}")
+    _check_power_args(sd, 2, alpha, power)
+    lo, hi = 2, 2
+    while paired_power(delta, sd, hi, alpha) < power:
+        lo, hi = hi, hi * 2
+        if hi > max_seeds:
+            raise ValueError(f"detecting {delta} with sd {sd} needs more than {max_seeds} seeds")
+    while lo < hi:  # power grows with n: the smallest n in [lo, hi] reaching it
+        mid = (lo + hi) // 2
+        if paired_power(delta, sd, mid, alpha) >= power:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a report says about one paired comparison, with the numbers behind it."""
+
+    kind: str  # "difference found" | "no difference larger than" | "cannot tell (underpowered)"
+    text: str
+    mde: float  # minimum detectable difference at the given power with the seeds used
+    seeds_for_target: int | None  # seeds the target difference would need (None: not computable)
+
+
+def verdict(test: PairedTest, target: float, alpha: float = 0.05, power: float = 0.8, p_value: float | None = None) -> Verdict:
+    """Classify one comparison.
+
+    - p < alpha (``p_value`` if given, e.g. Holm-adjusted, else the paired t p-value): "difference found".
+    - otherwise, when the minimum detectable difference (MDE) at ``power`` is at most ``target`` (the
+      smallest difference that matters): "no difference larger than MDE" — a difference of that size
+      would have been found with probability ``power``.
+    - otherwise: "cannot tell (underpowered)", with the MDE reached and the seeds the target would need.
+    """
+    if not (math.isfinite(target) and target > 0.0):
+        raise ValueError(f"target difference must be finite and > 0, got {target}")
+    p = test.t_p if p_value is None else float(p_value)
+    if test.n < 2 or math.isnan(test.diff.std):
+        return Verdict("cannot tell (underpowered)", "cannot tell (underpowered): fewer than 2 seeds", math.nan, None)
+    sd = test.diff.std
+    mde = min_detectable_difference(sd, test.n, alpha, power)
+    try:
+        needed: int | None = seeds_needed(target, sd, alpha, power) if sd > 0 else 2
+    except ValueError:
+        needed = None
+    if not math.isnan(p) and p < alpha:
+        return Verdict("difference found", f"difference found ({test.diff.mean:+.3f}, p = {p:.3g})", mde, needed)
+    if mde <= target:
+        return Verdict(
+            "no difference larger than",
+            f"no difference larger than {mde:.3f} ({power:.0%} power, {test.n} seeds)",
+            mde,
+            needed,
+        )
+    need = f"{needed} seeds" if needed is not None else "more seeds than can be run"
+    return Verdict(
+        "cannot tell (underpowered)",
+        f"cannot tell (underpowered): detectable difference {mde:.3f} > {target:.3f}; {target:.3f} needs {need}",
+        mde,
+        needed,
+    )
+
+
+def pass_at_k_eval_se(correct_counts: Sequence[int], n: int, k: int, draws: int = 400, seed: int = 0) -> float:
+    """Evaluation noise of one run's Pass@k: the standard deviation, over ``draws`` parametric bootstrap
+    replicates, of Pass@k averaged over the problems, where each replicate redraws every problem's
+    correct count from Binomial(n, c/n).  This is the noise of the n samples per problem only (the
+    problems themselves are the same for every run of a study, so they cancel in paired comparisons)."""
+    counts = np.asarray([int(c) for c in correct_counts], dtype=np.int64)
+    if counts.size == 0:
+        raise ValueError("pass_at_k_eval_se needs the correct count of at least one problem")
+    if n < 1 or not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if np.any(counts < 0) or np.any(counts > n):
+        raise ValueError(f"correct counts must lie in [0, {n}]")
+    rng = np.random.default_rng(seed)
+    table = np.array([pass_at_k(n, c, k) for c in range(n + 1)], dtype=float)
+    redrawn = rng.binomial(n, counts / n, size=(draws, counts.size))
+    return float(table[redrawn].mean(axis=1).std(ddof=1))

@@ -118,7 +118,7 @@ class StudyConfig:
         sizes: dict[int, list[str]] = {}
         for key in self.tune:
             section = key.split(".", 1)[0]
-            if "." not in key or section not in OBJECTIVES or section == "grpo":
+            if "." not in key or section not in OBJECTIVES or OBJECTIVES[section].config_class is None:
                 raise ValueError(
                     f"study.tune: {key!r} must be <objective>.<field> for a non-GRPO objective "
                     f"(grpo.* settings are shared by every objective, so tuning them is not per objective)"
@@ -208,12 +208,15 @@ def load_study_config(path: str | os.PathLike | None, overrides: list[str] = ())
 
 
 def evaluate_policy(trainer) -> dict[str, Any]:
-    """``Trainer.evaluate`` of the trainer's current policy (held-out Mean@1 greedy, Mean@n, Pass@k and
-    the per-problem ``correct_counts``), with the eval seed and the time it took."""
+    """``Trainer.evaluate`` of the trainer's current policy as the study's flat record (held-out Mean@1
+    greedy, Mean@n, Pass@k and the per-problem ``correct_counts``), with the eval seed and the time it took."""
+    from latentx.evaluate import headline_metrics
+
     start = time.perf_counter()
-    result = trainer.evaluate()
-    if "correct_counts" not in result:
-        raise StudyError("Trainer.evaluate returned no per-problem correct_counts; the study needs them for Pass@k")
+    try:
+        result = headline_metrics(trainer.evaluate())
+    except (ValueError, KeyError) as err:
+        raise StudyError(f"the evaluation has no per-problem correct_counts ({err}); the study needs them for Pass@k") from None
     result.update(seed=trainer.cfg.eval.seed, time_s=time.perf_counter() - start)
     return result
 
@@ -636,7 +639,8 @@ def aggregate(base: "TrainConfig", study: StudyConfig, jobs: dict[tuple[str, int
 def _color(objective: str) -> str:
     from latentx.trainer import OBJECTIVES
 
-    return "0.25" if objective == "grpo" else f"C{OBJECTIVES.index(objective) - 1}"
+    names = list(OBJECTIVES)
+    return "0.25" if names.index(objective) == 0 else f"C{names.index(objective) - 1}"  # the first (GRPO) in grey
 
 
 def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:

@@ -33,18 +33,20 @@ from latentx import dynamics
 from latentx import checkpoint as run_files
 from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from latentx.config import atomic_write_text, save_yaml, to_dict
+from latentx.objectives import REGISTRY, Objective
 from latentx.objectives.base import GRPOConfig, PolicyBatch, per_response_mean
 from latentx.objectives.clip_cov import ClipCovConfig
 from latentx.objectives.entropy_bonus import EntropyBonusConfig
-from latentx.objectives import Objective
 from latentx.objectives.kl_cov import KLCovConfig
 from latentx.objectives.relax import RelaxConfig
 from latentx.objectives.verl import VerlConfig
+from latentx.reporting import LoggingConfig
 from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
 from latentx.tasks import TaskConfig
 from latentx.warmstart import WarmStartConfig
 
-OBJECTIVES = ("grpo", "relax", "verl", "entropy_bonus", "kl_cov", "clip_cov")
+#: The objective names the trainer runs: the registry itself (iterating gives the names, in order).
+OBJECTIVES = REGISTRY
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ class FinalEvalConfig:
 class TrainConfig:
     """Everything a run needs; ``latentx train`` builds it from defaults, ``--config`` YAML and flags."""
 
-    objective: Literal["grpo", "relax", "verl", "entropy_bonus", "kl_cov", "clip_cov"] = "relax"
+    objective: str = "relax"  # a name in latentx.objectives.REGISTRY
     steps: int = 100
     seed: int = 0
     out: str = ""  # default: runs/<objective>-<task>-s<seed>
@@ -143,10 +145,11 @@ class TrainConfig:
     kl_cov: KLCovConfig = field(default_factory=KLCovConfig)
     clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
     eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in REGISTRY:
+            raise ValueError(f"objective must be one of {', '.join(REGISTRY)}, got {self.objective!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.checkpoint_every < 1:
@@ -187,6 +190,27 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), std
 
 
+@dataclass
+class Rollout:
+    """One step's rollout batch; every tensor stays on the training device until the step ends.
+
+    Rows ``g*R .. g*R+R-1`` are the R responses of prompt ``g`` (``group``).  ``signals`` maps a signal
+    name (``er``, ``erv``, ``era``, ``dsd``) to its per-response ``[N]`` values on the rollout policy.
+    """
+
+    seqs: Sequences  # prompt + response tokens, [N, P + T]
+    rewards: torch.Tensor  # [N] float
+    correct: torch.Tensor  # [N] bool
+    old_logp: torch.Tensor  # [N, T] log π_old of the sampled tokens (0 at padding)
+    ref_logp: torch.Tensor | None  # [N, T] log π_ref, when a reference model is loaded
+    entropy: torch.Tensor  # [N] mean token entropy per response
+    signals: dict[str, torch.Tensor]
+    group: torch.Tensor  # [N] long, the prompt index of each response
+    time_generate: float = 0.0
+    time_signals: float = 0.0
+    time_fit: float = 0.0
+
+
 class Trainer:
     """Holds the run's state; ``run()`` trains to ``cfg.steps`` (resuming if the run dir has a checkpoint)."""
 
@@ -217,7 +241,11 @@ class Trainer:
                 self.model, self.warm_info = warm_start(
                     self.model, self.tokenizer, self.task, cfg.warm_start, progress=progress
                 )
+                if self.warm_info.get("cache_hit"):
+                    log(f"warm start: {self.warm_info.get('steps')} SFT steps loaded from the cache "
+                        f"({self.warm_info['wall_time_s']:.1f} s)")
         self.model.to(self.device)
+        self.objective = Objective.from_config(cfg)
         # The frozen reference is the policy the run started from (after the warm start); it is saved
         # once so that a resumed run compares against the same weights.
         self.reference = None
@@ -238,8 +266,6 @@ class Trainer:
         self.sampler = np.random.default_rng(cfg.seed)
         self.dictionary: dynamics.KoopmanDictionary | None = None
         self.step = 0
-        method_config = None if cfg.objective == "grpo" else getattr(cfg, cfg.objective)
-        self.objective = Objective(cfg.objective, grpo=cfg.grpo, config=method_config, seed=cfg.seed)
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
         # Rows after the checkpoint (all rows, without one) belong to steps that will run again.
@@ -252,8 +278,7 @@ class Trainer:
         choice = self.cfg.model.reference
         if choice != "auto":
             return choice == "yes"
-        method_config = None if self.cfg.objective == "grpo" else getattr(self.cfg, self.cfg.objective)
-        return "ref" in Objective(self.cfg.objective, grpo=self.cfg.grpo, config=method_config).needs
+        return "ref" in self.objective.needs
 
     @property
     def needs_dsd(self) -> bool:
@@ -331,9 +356,10 @@ class Trainer:
         self.dictionary.requires_grad_(False)
         return time.perf_counter() - start
 
-    def rollout(self) -> dict[str, Any]:
-        """Sample, score, and run the no-grad forward: everything the update needs."""
+    def rollout(self) -> "Rollout":
+        """Sample, score, and run the no-grad forward: everything the update needs, on the device."""
         cfg = self.cfg
+        dev = self.device
         t0 = time.perf_counter()
         idx = self.sampler.choice(len(self.train_pool), size=cfg.rollout.prompts_per_step, replace=False)
         instances = [self.train_pool[i] for i in idx]
@@ -343,21 +369,21 @@ class Trainer:
             self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             generation_batch_size=cfg.rollout.generation_batch_size,
-        )
+        ).to(dev)
         r = cfg.rollout.samples_per_prompt
         rewards = torch.tensor(
             [self.task.reward(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.float32
-        )
+        ).to(dev)
         correct = torch.tensor(
             [self.task.is_correct(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.bool
-        )
+        ).to(dev)
         t_gen = time.perf_counter() - t0
 
         # One no-grad forward per micro-batch: old log-probs, entropies, signals (METHODS.md §0).
         n, T = seqs.response_mask.shape
-        old_logp = torch.zeros(n, T)
-        ref_logp = torch.zeros(n, T) if self.reference is not None else None
-        entropy = torch.zeros(n)
+        old_logp = torch.zeros(n, T, device=dev)
+        ref_logp = torch.zeros(n, T, device=dev) if self.reference is not None else None
+        entropy = torch.zeros(n, device=dev)
         signals: dict[str, torch.Tensor] = {}
         refit = self.dictionary is None or (
             cfg.relax.refit_every > 0 and self.step > 0 and self.step % cfg.relax.refit_every == 0
@@ -369,17 +395,17 @@ class Trainer:
         with torch.no_grad():
             for sl in self._micro_batches(n):
                 mb = seqs.select(sl)
-                mask = mb.response_mask.to(self.device)
+                mask = mb.response_mask
                 fo = policy_forward(self.model, mb, want_hidden=need_hidden)
                 t = mb.response_length
-                old_logp[sl, :t] = fo.logp.float().cpu()
-                entropy[sl] = per_response_mean(fo.entropy, mask).cpu()
-                if self.reference is not None:
-                    ref_logp[sl, :t] = policy_forward(self.reference, mb, want_hidden=False, want_entropy=False).logp.float().cpu()
+                old_logp[sl, :t] = fo.logp.float()
+                entropy[sl] = per_response_mean(fo.entropy, mask)
+                if ref_logp is not None:
+                    ref_logp[sl, :t] = policy_forward(self.reference, mb, want_hidden=False, want_entropy=False).logp.float()
                 if need_hidden:
                     ts = time.perf_counter()
                     for key, value in self._signals(fo.hidden, mask).items():
-                        signals.setdefault(key, torch.zeros(n))[sl] = value.detach().float().cpu()
+                        signals.setdefault(key, torch.zeros(n, device=dev))[sl] = value.detach().float()
                     if fit_now:
                         kept.append((fo.hidden.detach().float(), mask))
                     t_signals += time.perf_counter() - ts
@@ -387,34 +413,25 @@ class Trainer:
         if fit_now and kept:
             fit_time = self._fit_dictionary(kept)
             ts = time.perf_counter()
-            dsd_values = torch.cat([self._dsd(h, m).detach().float().cpu() for h, m in kept])
-            signals["dsd"] = dsd_values
+            signals["dsd"] = torch.cat([self._dsd(h, m).detach().float() for h, m in kept])
             t_signals += time.perf_counter() - ts
-        return dict(
-            seqs=seqs, rewards=rewards, correct=correct, old_logp=old_logp, ref_logp=ref_logp,
-            entropy=entropy, signals=signals, time_generate=t_gen, time_signals=t_signals, time_fit=fit_time,
+        return Rollout(
+            seqs=seqs, rewards=rewards, correct=correct, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
+            signals=signals, group=torch.arange(n, device=dev) // r,
+            time_generate=t_gen, time_signals=t_signals, time_fit=fit_time,
         )
 
-    def advantages(self, ro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """GRPO advantages (METHODS.md §0), shaped by VERL when that is the objective (§3)."""
-        r = self.cfg.rollout.samples_per_prompt
-        group = torch.arange(len(ro["rewards"])) // r
-        adv = self.objective.advantages(ro["rewards"], group)
-        info: dict[str, float] = {}
-        if "rank" in self.objective.needs:
-            s = ro["signals"]
-            adv, shape_info = self.objective.shape_advantages(
-                adv, s["er"], s["erv"], s["era"], ro["seqs"].response_mask, ro["rewards"]
-            )
-            info.update({k: float(v) for k, v in shape_info.items()})
-        return adv, info
+    def advantages(self, ro: "Rollout") -> tuple[torch.Tensor, dict[str, float]]:
+        """GRPO advantages (METHODS.md §0), then the objective's advantage hook (VERL's shaping, §3)."""
+        adv = self.objective.advantages(ro.rewards, ro.group)
+        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards)
+        return adv, {k: float(v) for k, v in info.items()}
 
-    def update(self, ro: dict[str, Any], adv: torch.Tensor) -> dict[str, float]:
+    def update(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
         """Gradient step(s) on the rollout batch; micro-batch losses are weighted by their token share."""
         cfg = self.cfg
-        seqs: Sequences = ro["seqs"]
+        seqs = ro.seqs
         n = seqs.response_mask.shape[0]
-        group = torch.arange(n) // cfg.rollout.samples_per_prompt
         total_tokens = max(int(seqs.response_mask.sum()), 1)
         want_hidden = "dsd_grad" in self.objective.needs and self.dictionary is not None
         terms: dict[str, float] = {}
@@ -425,15 +442,15 @@ class Trainer:
             for sl in self._micro_batches(n):
                 mb = seqs.select(sl)
                 t = mb.response_length
-                mask = mb.response_mask.to(self.device)
+                mask = mb.response_mask
                 fo = policy_forward(self.model, mb, want_hidden=want_hidden, want_entropy=True)
                 batch = PolicyBatch(
                     logp=fo.logp,
-                    old_logp=ro["old_logp"][sl, :t].to(self.device),
+                    old_logp=ro.old_logp[sl, :t],
                     mask=mask,
-                    advantages=(adv[sl, :t] if adv.dim() == 2 else adv[sl]).to(self.device),
-                    group=group[sl].to(self.device),
-                    ref_logp=ro["ref_logp"][sl, :t].to(self.device) if ro["ref_logp"] is not None else None,
+                    advantages=adv[sl, :t] if adv.dim() == 2 else adv[sl],
+                    group=ro.group[sl],
+                    ref_logp=ro.ref_logp[sl, :t] if ro.ref_logp is not None else None,
                     entropy=fo.entropy,
                     dsd=self._dsd(fo.hidden, mask) if want_hidden else None,
                 )
@@ -457,25 +474,25 @@ class Trainer:
         t_update = time.perf_counter() - t1
         self.step += 1
 
-        seqs: Sequences = ro["seqs"]
+        seqs = ro.seqs
         r = self.cfg.rollout.samples_per_prompt
         lengths = seqs.response_mask.sum(1).float()
         adv_resp = adv if adv.dim() == 1 else (adv * seqs.response_mask).sum(1) / seqs.response_mask.sum(1).clamp(min=1)
         row: dict[str, Any] = {"step": self.step}
-        row["reward_mean"], row["reward_std"] = _mean_std(ro["rewards"])
-        row["accuracy"] = ro["correct"].float().mean().item()
-        row["group_pass_rate"] = ro["correct"].view(-1, r).any(1).float().mean().item()
-        row["entropy_mean"], row["entropy_std"] = _mean_std(ro["entropy"])
+        row["reward_mean"], row["reward_std"] = _mean_std(ro.rewards)
+        row["accuracy"] = ro.correct.float().mean().item()
+        row["group_pass_rate"] = ro.correct.view(-1, r).any(1).float().mean().item()
+        row["entropy_mean"], row["entropy_std"] = _mean_std(ro.entropy)
         row["length_mean"], row["length_std"] = _mean_std(lengths)
-        for key, value in ro["signals"].items():
+        for key, value in ro.signals.items():
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(value)
         row["adv_mean"], row["adv_std"] = _mean_std(adv_resp)
         row["adv_abs_mean"] = adv_resp.abs().mean().item()
         row.update({k: float(v) for k, v in terms.items()})
         row.update(adv_info)
-        row["time_generate"] = ro["time_generate"]
-        row["time_signals"] = ro["time_signals"]
-        row["time_fit"] = ro["time_fit"]
+        row["time_generate"] = ro.time_generate
+        row["time_signals"] = ro.time_signals
+        row["time_fit"] = ro.time_fit
         row["time_update"] = t_update
         row["time_step"] = time.perf_counter() - t0
         for key, value in row.items():
@@ -487,23 +504,44 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from latentx.reporting import Reporter, eval_tags
 
         cfg = self.cfg
         save_yaml(cfg, self.run_dir / "config.yaml")
-        if cfg.eval.enabled and self.step == 0 and "eval" not in self.warm_info:
-            self.log("evaluating the starting policy on held-out instances ...")
-            self.warm_info["eval"] = self.evaluate()
         start_step = self.step
-        rows: list[dict] = []
+        if self.checkpoint is not None:
+            self.log(f"resuming at step {start_step} from {self.checkpoint}")
+        reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
+                            eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
+        with reporter:
+            if cfg.eval.enabled and self.step == 0 and "eval" not in self.warm_info:
+                self.warm_info["eval"] = self.timed_evaluate("starting policy")
+            if self.step == 0 and "eval" in self.warm_info:
+                reporter.log_eval(self.warm_info["eval"], step=0)
+            self._loop(reporter)
+            summary: dict[str, Any] = {"steps": self.step, "objective": cfg.objective, "warm_start": self.warm_info}
+            if cfg.eval.enabled:
+                summary["eval"] = self.timed_evaluate("final policy")
+                reporter.log_eval(summary["eval"], step=self.step, final=True)
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        if cfg.logging.plots:
+            self.plot()
+        return summary
+
+    def _loop(self, reporter) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.cfg
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.progress,
         ) as bar:
-            task_id = bar.add_task(f"{cfg.objective}", total=cfg.steps, completed=start_step, info="")
+            task_id = bar.add_task(f"{cfg.objective}", total=cfg.steps, completed=self.step, info="")
             while self.step < cfg.steps:
                 row = self.train_step()
-                rows.append(row)
+                reporter.log_row(row)
+                if row.get("time_fit"):
+                    self.log(f"Koopman dictionary fitted on step {self.step}'s rollouts ({row['time_fit']:.1f} s)")
                 bar.update(
                     task_id, completed=self.step,
                     info=f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
@@ -511,62 +549,44 @@ class Trainer:
                 )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
-        self.plot()
-        summary: dict[str, Any] = {"steps": self.step, "objective": cfg.objective, "warm_start": self.warm_info}
-        if cfg.eval.enabled:
-            summary["eval"] = self.evaluate()
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        return summary
 
     def plot(self) -> list[Path]:
-        from latentx.plots import plot_training_curves
+        """``<run>/plots``: the ``latentx plot`` panels of this run (curves, Pass@k, index.html)."""
+        from latentx.plots import plot_runs
 
-        rows = read_metrics(self.run_dir)
-        return plot_training_curves(rows, self.run_dir / "plots", title=f"{self.cfg.objective} on {self.cfg.task.name}") if rows else []
+        return plot_runs([self.run_dir], self.run_dir / "plots") if read_metrics(self.run_dir) else []
 
-    def evaluate(self) -> dict[str, Any]:
-        """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4)."""
-        from latentx.metrics import pass_at_k
+    def timed_evaluate(self, which: str) -> dict[str, Any]:
+        """:meth:`evaluate` between two terminal lines that name it and give its result and wall time."""
+        from latentx.reporting import eval_line
+        from latentx.terminal import phase
 
         ec = self.cfg.eval
-        instances = self.task.eval_instances(ec.instances, seed=ec.seed)
-        prompts = [self.task.format_prompt(inst, self.tokenizer) for inst in instances]
-        self.model.eval()
-        rc = self.cfg.rollout
-        state = torch.get_rng_state()
-        torch.manual_seed(ec.seed)
-        greedy = sample_responses(self.model, self.tokenizer, prompts, 1, rc.max_new_tokens, temperature=0.0,
-                                  generation_batch_size=rc.generation_batch_size)
-        sampled = sample_responses(self.model, self.tokenizer, prompts, ec.n, rc.max_new_tokens,
-                                   temperature=ec.temperature, top_p=rc.top_p,
-                                   generation_batch_size=rc.generation_batch_size)
-        torch.set_rng_state(state)
-        mean1 = float(np.mean([self.task.is_correct(inst, text) for inst, text in zip(instances, greedy.texts)]))
-        counts = [
-            sum(self.task.is_correct(inst, sampled.texts[i * ec.n + j]) for j in range(ec.n))
-            for i, inst in enumerate(instances)
-        ]
-        distinct = [
-            len({sampled.texts[i * ec.n + j].strip() for j in range(ec.n)
-                 if self.task.is_correct(inst, sampled.texts[i * ec.n + j])})
-            for i, inst in enumerate(instances)
-        ]
-        result = {
-            "instances": len(instances),
-            "n": ec.n,
-            "mean@1_greedy": mean1,
-            f"mean@{ec.n}": float(np.mean(counts)) / ec.n,
-            "pass@k": {str(k): float(np.mean([pass_at_k(ec.n, c, k) for c in counts])) for k in ec.ks},
-            "distinct_correct_per_problem": float(np.mean(distinct)),
-            "correct_counts": [int(c) for c in counts],  # per problem, out of n: any Pass@k can be recomputed
-        }
+        with phase(f"evaluating the {which} on {ec.instances} held-out problems ({ec.n} samples each)", self.log,
+                   done=f"  {which}") as ph:
+            result = self.evaluate()
+            ph["result"] = eval_line(result)
         return result
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4), in ``eval.json``'s
+        schema (:func:`latentx.evaluate.held_out_evaluation`); the training RNG does not move."""
+        from latentx.evaluate import held_out_evaluation
+
+        ec, rc = self.cfg.eval, self.cfg.rollout
+        return held_out_evaluation(
+            self.model, self.tokenizer, self.task, ec.instances, ec.n, ec.ks, ec.temperature, ec.seed,
+            rc.max_new_tokens, top_p=rc.top_p, batch_size=rc.generation_batch_size,
+        )
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return run_files.read_metrics(run_dir)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Resolve ``cfg`` and run it to completion (resuming from the run directory's latest checkpoint)."""
-    return Trainer(resolve_config(cfg), progress=progress).run()
+def train(cfg: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Resolve ``cfg`` and run it to completion (resuming from the run directory's latest checkpoint).
+    ``quiet``: no bars and no phase lines (for scripts)."""
+    from latentx.terminal import printer
+
+    return Trainer(resolve_config(cfg), progress=progress and not quiet, log=printer(quiet)).run()

@@ -267,35 +267,23 @@ def warm_start(
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sample_accuracy(
     model, tokenizer, task: Task, instances: list[TaskInstance], k: int = 8, temperature: float = 1.0,
     max_new_tokens: int = 32, batch_size: int = 256, seed: int = 0,
 ) -> dict[str, float]:
-    """Sample ``k`` responses per instance (HF ``generate``, full distribution at ``temperature``) and
+    """Sample ``k`` responses per instance (the one evaluator, full distribution at ``temperature``) and
     return ``mean_at_k`` (fraction of correct samples) and ``pass_at_k`` (fraction of instances with at
     least one correct sample)."""
+    from latentx.evaluate import SamplingSettings, evaluate_task
+
     if k < 1 or not instances:
         raise ValueError("sample_accuracy needs k >= 1 and at least one instance")
-    device = next(model.parameters()).device
-    model.eval()
-    prompts = [task.format_prompt(inst, tokenizer) for inst in instances for _ in range(k)]
-    correct: list[bool] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for lo in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[lo: lo + batch_size], return_tensors="pt", padding=True).to(device)
-            out = model.generate(
-                **batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
-            texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-            for offset, text in enumerate(texts):
-                correct.append(task.is_correct(instances[(lo + offset) // k], text))
-    per_instance = [correct[i * k: (i + 1) * k] for i in range(len(instances))]
+    settings = SamplingSettings(n=k, temperature=temperature, max_new_tokens=max_new_tokens, ks=(k,))
+    result = evaluate_task(model, tokenizer, task, instances, settings, batch_size=batch_size, seed=seed,
+                           benchmark="warm_start")
     return {
-        "mean_at_k": sum(correct) / len(correct),
-        "pass_at_k": sum(any(c) for c in per_instance) / len(per_instance),
+        "mean_at_k": result.metrics[f"mean@{k}"],
+        "pass_at_k": result.metrics[f"pass@{k}"],
         "k": k,
         "instances": len(instances),
     }

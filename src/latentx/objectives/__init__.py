@@ -2,33 +2,45 @@
 
 One module per method, each a pure function of batch tensors (``<name>_loss(batch, ...) -> LossOutput``);
 state that lives across steps (VERL's EMA baselines, the adaptive entropy coefficient, Clip-Cov's random
-generator) sits in small objects with ``state_dict()`` / ``load_state_dict()``.
-
-The trainer uses the :class:`Objective` dispatch::
+generator) sits in small objects with ``state_dict()`` / ``load_state_dict()``.  Each module registers
+itself once (:func:`register_objective`: name, config class, the signals it needs, its advantage hook,
+its loss, its per-step state); :data:`REGISTRY` is the one list of objective names, and
+:class:`Objective` is the generic dispatch every caller uses::
 
     objective = Objective("relax", grpo=GRPOConfig(), config=RelaxConfig())
     objective.needs                     # frozenset of signals to compute: "dsd_grad", "rank", "entropy", "ref"
     adv = objective.advantages(rewards, group)                          # GRPO / Dr. GRPO advantages [B]
-    adv_tok, info = objective.shape_advantages(adv, er, erv, era, mask, rewards)   # "verl" only, once per step
+    adv, info = objective.shape(adv, {"er": er, "erv": erv, "era": era}, mask, rewards)  # once per step
     out = objective.loss(batch)         # LossOutput(loss, terms), per micro-batch
     out.loss.backward(); ...; optimizer.step(); objective.on_optimizer_step()
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Iterator, Mapping
 
-import torch
 from torch import Tensor
 
+# The built-in methods register themselves on import, in this order (the order of every name list).
+from latentx.objectives import grpo as _grpo  # noqa: F401  (registers "grpo")
+from latentx.objectives import relax as _relax  # noqa: F401
+from latentx.objectives import verl as _verl  # noqa: F401
+from latentx.objectives import entropy_bonus as _entropy_bonus  # noqa: F401
+from latentx.objectives import kl_cov as _kl_cov  # noqa: F401
+from latentx.objectives import clip_cov as _clip_cov  # noqa: F401
 from latentx.objectives.base import (
+    REGISTRY,
+    SIGNALS,
     ClipConfig,
     GRPOConfig,
     LossOutput,
+    ObjectiveSpec,
     PolicyBatch,
     k3_kl,
     masked_mean,
+    objective_spec,
     per_response_mean,
+    register_objective,
     token_mean,
 )
 from latentx.objectives.clip_cov import ClipCovConfig, clip_cov_loss, clip_cov_select
@@ -47,6 +59,10 @@ from latentx.objectives.verl import (
 )
 
 __all__ = [
+    "REGISTRY",
+    "ObjectiveSpec",
+    "register_objective",
+    "objective_spec",
     "OBJECTIVES",
     "CONFIGS",
     "SIGNALS",
@@ -84,50 +100,51 @@ __all__ = [
     "k3_kl",
 ]
 
-MethodConfig = Union[RelaxConfig, VerlConfig, EntropyBonusConfig, KLCovConfig, ClipCovConfig, None]
 
-#: name -> the pure loss function of that method.
-OBJECTIVES: dict[str, Callable[..., LossOutput]] = {
-    "grpo": grpo_loss,
-    "relax": relax_loss,
-    "verl": verl_loss,
-    "entropy_bonus": entropy_bonus_loss,
-    "kl_cov": kl_cov_loss,
-    "clip_cov": clip_cov_loss,
-}
+class _Column(Mapping[str, Any]):
+    """A live read-only view ``name -> spec.<field>`` of :data:`REGISTRY` (follows later registrations)."""
 
-#: name -> the method's own config class (GRPO has none beyond :class:`GRPOConfig`).
-CONFIGS: dict[str, type | None] = {
-    "grpo": None,
-    "relax": RelaxConfig,
-    "verl": VerlConfig,
-    "entropy_bonus": EntropyBonusConfig,
-    "kl_cov": KLCovConfig,
-    "clip_cov": ClipCovConfig,
-}
+    def __init__(self, field: str) -> None:
+        self._field = field
 
-#: The signals an objective can ask the trainer for.
-#:   "dsd_grad": ``batch.dsd`` from ``latentx.dynamics`` on the current forward's hidden states, with grad.
-#:   "rank": ER / ERV / ERA per response of the rollout (no grad), for :meth:`Objective.shape_advantages`.
-#:   "entropy": ``batch.entropy``, token entropies of the current forward, with grad.
-#:   "ref": ``batch.ref_logp`` from a frozen reference model.
-SIGNALS = ("dsd_grad", "rank", "entropy", "ref")
+    def __getitem__(self, name: str) -> Any:
+        return getattr(REGISTRY[name], self._field)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(REGISTRY)
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: name -> the loss function of that method (``loss(batch, config, grpo, state)``); a view of REGISTRY.
+OBJECTIVES: Mapping[str, Any] = _Column("loss")
+
+#: name -> the method's own config class (GRPO has none beyond :class:`GRPOConfig`); a view of REGISTRY.
+CONFIGS: Mapping[str, type | None] = _Column("config_class")
+
+#: Attribute names older code used for an objective's state (``objective.verl_shaper`` ...).
+def _state_attributes() -> set[str]:
+    return {spec.state_attribute for spec in REGISTRY.values() if spec.state_attribute}
 
 
 class Objective:
-    """One training objective with its configs and cross-step state (METHODS.md §3).
+    """One training objective with its configs and cross-step state (METHODS.md §3), read from the registry.
 
     Args:
-        name: a key of :data:`OBJECTIVES`.
+        name: a key of :data:`REGISTRY`.
         grpo: the shared clip / KL / advantage config (default ``GRPOConfig()``).
-        config: the method's config (default: its class with default values; must be None for "grpo").
-        seed: seed of Clip-Cov's token sampling generator.
+        config: the method's config (default: its class with default values; must be None for a method
+            without a config class, such as "grpo").
+        seed: seed of the method's state (Clip-Cov's token sampling generator).
     """
 
-    def __init__(self, name: str, grpo: GRPOConfig | None = None, config: MethodConfig = None, seed: int = 0) -> None:
-        if name not in OBJECTIVES:
-            raise ValueError(f"objective name must be one of {', '.join(OBJECTIVES)}, got {name!r}")
-        config_class = CONFIGS[name]
+    def __init__(self, name: str, grpo: GRPOConfig | None = None, config: Any = None, seed: int = 0) -> None:
+        spec = objective_spec(name)
+        config_class = spec.config_class
         if config is None and config_class is not None:
             config = config_class()
         if config_class is None and config is not None:
@@ -136,32 +153,61 @@ class Objective:
             raise ValueError(f"objective {name!r} needs a {config_class.__name__}, got {type(config).__name__}")
         if grpo is not None and not isinstance(grpo, GRPOConfig):
             raise ValueError(f"grpo must be a GRPOConfig, got {type(grpo).__name__}")
+        self.spec = spec
         self.name = name
         self.grpo = grpo if grpo is not None else GRPOConfig()
         self.config = config
-        self.verl_shaper = VerlShaper(config) if isinstance(config, VerlConfig) else None
-        self.entropy_controller = EntropyCoefController(config) if isinstance(config, EntropyBonusConfig) else None
-        self.generator = torch.Generator().manual_seed(seed) if name == "clip_cov" else None
+        self.state = spec.new_state(config, seed) if spec.new_state is not None else None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Objective":
+        """The objective of a :class:`latentx.trainer.TrainConfig`-like ``cfg`` (``cfg.objective``, ``cfg.grpo``,
+        the method section ``cfg.<name>`` when it has one, ``cfg.seed``)."""
+        spec = objective_spec(cfg.objective)
+        config = getattr(cfg, spec.name, None) if spec.config_class is not None else None
+        return cls(spec.name, grpo=cfg.grpo, config=config, seed=getattr(cfg, "seed", 0))
+
+    def __getattr__(self, attribute: str) -> Any:
+        # ``objective.verl_shaper`` / ``.entropy_controller`` / ``.generator``: the state, under the name
+        # its method registered, and None for the other methods' names.
+        if attribute in ("spec", "state"):
+            raise AttributeError(attribute)
+        if attribute == self.spec.state_attribute:
+            return self.state
+        if attribute in _state_attributes():
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
 
     @property
     def needs(self) -> frozenset[str]:
         """The signals (see :data:`SIGNALS`) the trainer must put in the batch / compute for this objective."""
-        needs: set[str] = set()
+        needs = set(self.spec.needs(self.config, self.grpo)) if self.spec.needs is not None else set()
         if self.grpo.kl_coef > 0:
             needs.add("ref")
-        if isinstance(self.config, RelaxConfig):
-            needs.add("dsd_grad")
-            if self.config.beta > 0:
-                needs.add("ref")  # optional: without a reference the β term is 0 (reported in terms)
-        elif isinstance(self.config, VerlConfig):
-            needs.add("rank")
-        elif isinstance(self.config, EntropyBonusConfig):
-            needs.add("entropy")
+        unknown = needs - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"objective {self.name!r} needs unknown signals {sorted(unknown)} (known: {', '.join(SIGNALS)})")
         return frozenset(needs)
+
+    @property
+    def shapes_advantages(self) -> bool:
+        """Whether the method has an advantage hook (call :meth:`shape` once per rollout batch)."""
+        return self.spec.shape_advantages is not None
 
     def advantages(self, rewards: Tensor, group: Tensor) -> Tensor:
         """GRPO advantages ``[B]`` with this objective's ``grpo.advantage_std`` / ``grpo.advantage_eps``."""
         return group_advantages(rewards, group, eps=self.grpo.advantage_eps, std_normalize=self.grpo.advantage_std)
+
+    def shape(
+        self, advantages: Tensor, signals: Mapping[str, Tensor], mask: Tensor, rewards: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The method's advantage hook (once per rollout batch); the advantages unchanged when it has none.
+
+        ``signals`` maps signal names (``er``, ``erv``, ``era``, ``dsd`` ...) to per-response ``[B]`` tensors.
+        """
+        if self.spec.shape_advantages is None:
+            return advantages, {}
+        return self.spec.shape_advantages(self.state, advantages, signals, mask, rewards)
 
     def shape_advantages(
         self,
@@ -172,52 +218,35 @@ class Objective:
         mask: Tensor,
         rewards: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """VERL only: shape the step's advantages (call once per rollout batch); see :meth:`VerlShaper.shape`."""
-        if self.verl_shaper is None:
-            raise ValueError(f"shape_advantages is only for the 'verl' objective, this one is {self.name!r}")
-        return self.verl_shaper.shape(advantages, er, erv, era, mask, rewards)
+        """:meth:`shape` with the rank signals given positionally (only for objectives with an advantage hook)."""
+        if self.spec.shape_advantages is None:
+            raise ValueError(f"shape_advantages is only for objectives with an advantage hook, this one is {self.name!r}")
+        return self.shape(advantages, {"er": er, "erv": erv, "era": era}, mask, rewards)
 
     def loss(self, batch: PolicyBatch) -> LossOutput:
-        """The loss of one training micro-batch.  For "entropy_bonus" it also records the micro-batch's
-        entropy for the adaptive coefficient (so call it on training micro-batches only)."""
-        cfg = self.config
-        if isinstance(cfg, RelaxConfig):
-            return relax_loss(batch, cfg, self.grpo)
-        if isinstance(cfg, VerlConfig):
-            return verl_loss(batch, self.grpo)
-        if isinstance(cfg, EntropyBonusConfig):
-            assert self.entropy_controller is not None
-            out = entropy_bonus_loss(batch, cfg, self.grpo, coef=self.entropy_controller.coef_to_apply())
-            self.entropy_controller.observe(out.terms["entropy_sum"], out.terms["tokens"])
-            return out
-        if isinstance(cfg, KLCovConfig):
-            return kl_cov_loss(batch, cfg, self.grpo)
-        if isinstance(cfg, ClipCovConfig):
-            return clip_cov_loss(batch, cfg, self.grpo, generator=self.generator)
-        return grpo_loss(batch, self.grpo)
+        """The loss of one training micro-batch.  Stateful methods may record the micro-batch (the adaptive
+        entropy coefficient does), so call it on training micro-batches only."""
+        return self.spec.loss(batch, self.config, self.grpo, self.state)
 
     def on_optimizer_step(self) -> dict[str, float]:
-        """Call after each optimizer step: updates the adaptive entropy coefficient.  Returns diagnostics."""
-        if self.entropy_controller is not None:
-            return {"entropy_coef": self.entropy_controller.step()}
-        return {}
+        """Call after each optimizer step (updates e.g. the adaptive entropy coefficient).  Returns diagnostics."""
+        if self.spec.on_optimizer_step is None:
+            return {}
+        return self.spec.on_optimizer_step(self.state)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"name": self.name}
-        if self.verl_shaper is not None:
-            state["verl"] = self.verl_shaper.state_dict()
-        if self.entropy_controller is not None:
-            state["entropy_bonus"] = self.entropy_controller.state_dict()
-        if self.generator is not None:
-            state["clip_cov_generator"] = self.generator.get_state()
+        if self.state is not None:
+            save = self.spec.save_state or (lambda s: s.state_dict())
+            state[self.spec.state_key or self.name] = save(self.state)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"state is for objective {state.get('name')!r}, this one is {self.name!r}")
-        if self.verl_shaper is not None:
-            self.verl_shaper.load_state_dict(state["verl"])
-        if self.entropy_controller is not None:
-            self.entropy_controller.load_state_dict(state["entropy_bonus"])
-        if self.generator is not None:
-            self.generator.set_state(state["clip_cov_generator"])
+        if self.state is not None:
+            key = self.spec.state_key or self.name
+            if key not in state:
+                raise ValueError(f"objective {self.name!r} state has no {key!r} entry")
+            load = self.spec.load_state or (lambda s, saved: s.load_state_dict(saved))
+            load(self.state, state[key])

@@ -19,7 +19,7 @@ Conventions used by every objective in :mod:`latentx.objectives`:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -36,6 +36,11 @@ __all__ = [
     "masked_log_ratio",
     "valid_only",
     "to_floats",
+    "SIGNALS",
+    "ObjectiveSpec",
+    "register_objective",
+    "REGISTRY",
+    "objective_spec",
 ]
 
 #: Log-ratios (log π_θ − log π_old) and KL log-differences are clamped to ±LOG_RATIO_CLAMP before exp(),
@@ -315,3 +320,115 @@ def masked_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     """
     log_ratio = valid_only(logp, mask) - valid_only(old_logp.detach(), mask)
     return torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method registry
+# --------------------------------------------------------------------------------------------------
+
+#: The signals an objective can ask its caller (the trainer, the TRL / verl adapters) to provide.
+#:   "dsd_grad": ``batch.dsd``, Dynamic Spectral Dispersion on the current forward's hidden states, with grad.
+#:   "rank": ``er`` / ``erv`` / ``era`` per response of the rollout (no grad), passed by name to the
+#:       advantage hook (:meth:`latentx.objectives.Objective.shape`).
+#:   "entropy": ``batch.entropy``, token entropies of the current forward, with grad.
+#:   "ref": ``batch.ref_logp`` from a frozen reference model.
+SIGNALS = ("dsd_grad", "rank", "entropy", "ref")
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """Everything the generic :class:`latentx.objectives.Objective` needs to run one method.
+
+    Each objective module registers one with :func:`register_objective` at import time; nothing outside
+    the registry dispatches on an objective's name.
+
+    Attributes:
+        name: the key users write (``objective: relax`` in YAML, ``Objective("relax")``).
+        loss: ``loss(batch, config, grpo, state) -> LossOutput``, one training micro-batch.
+        config_class: the method's own config dataclass, or None when the method has none (GRPO).
+        needs: ``needs(config, grpo) -> iterable of`` :data:`SIGNALS` (besides ``"ref"`` when
+            ``grpo.kl_coef > 0``, which :class:`Objective` adds for every method).
+        new_state: ``new_state(config, seed) -> state``: the method's per-run state across steps (EMA
+            baselines, an adaptive coefficient, a random generator); None = stateless.
+        shape_advantages: the advantage hook, ``(state, advantages [B], signals: {name: [B]}, mask [B, T],
+            rewards [B]) -> (advantages [B] or [B, T], info: {name: float})``; None = advantages as given.
+        on_optimizer_step: ``(state) -> {name: float}`` after every optimizer step.
+        state_key: key of the state in :meth:`Objective.state_dict` (default: ``name``).
+        save_state / load_state: ``(state) -> saved`` and ``(state, saved) -> None`` (default: the
+            state's own ``state_dict()`` / ``load_state_dict()``).
+        state_attribute: an extra attribute name under which :class:`Objective` exposes the state
+            (``verl_shaper``, ``entropy_controller``, ``generator``: the names older code used).
+    """
+
+    name: str
+    loss: Callable[..., "LossOutput"]
+    config_class: type | None = None
+    needs: Callable[[Any, "GRPOConfig"], Iterable[str]] | None = None
+    new_state: Callable[[Any, int], Any] | None = None
+    shape_advantages: Callable[..., tuple[Tensor, dict[str, float]]] | None = None
+    on_optimizer_step: Callable[[Any], dict[str, float]] | None = None
+    state_key: str | None = None
+    save_state: Callable[[Any], Any] | None = None
+    load_state: Callable[[Any, Any], None] | None = None
+    state_attribute: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"objective name must be a python identifier, got {self.name!r}")
+        if not callable(self.loss):
+            raise ValueError(f"objective {self.name!r}: loss must be callable, got {type(self.loss).__name__}")
+        if self.config_class is not None and not isinstance(self.config_class, type):
+            raise ValueError(f"objective {self.name!r}: config_class must be a class, got {self.config_class!r}")
+        if self.shape_advantages is not None and self.new_state is None:
+            raise ValueError(f"objective {self.name!r}: an advantage hook needs a state (new_state)")
+
+
+class _Registry(Mapping[str, ObjectiveSpec]):
+    """The one ordered table ``name -> ObjectiveSpec`` (read-only mapping; add with :func:`register_objective`)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ObjectiveSpec] = {}
+
+    def __getitem__(self, name: str) -> ObjectiveSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __repr__(self) -> str:
+        return f"objectives({', '.join(self._specs)})"
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._specs)
+
+
+#: Every registered objective, in registration order (the built-ins: grpo, relax, verl, entropy_bonus,
+#: kl_cov, clip_cov).  This is the one list of objective names.
+REGISTRY = _Registry()
+
+
+def register_objective(spec: ObjectiveSpec | None = None, /, *, overwrite: bool = False, **fields: Any) -> ObjectiveSpec:
+    """Register an objective: ``register_objective(ObjectiveSpec(...))`` or ``register_objective(name=..., loss=...)``.
+
+    A name already taken raises ``ValueError`` unless ``overwrite=True``.  Returns the spec.
+    """
+    if spec is None:
+        spec = ObjectiveSpec(**fields)
+    elif fields:
+        raise ValueError("pass either an ObjectiveSpec or its fields, not both")
+    if not isinstance(spec, ObjectiveSpec):
+        raise ValueError(f"register_objective needs an ObjectiveSpec, got {type(spec).__name__}")
+    if spec.name in REGISTRY._specs and not overwrite:
+        raise ValueError(f"objective {spec.name!r} is already registered (pass overwrite=True to replace it)")
+    REGISTRY._specs[spec.name] = spec
+    return spec
+
+
+def objective_spec(name: object) -> ObjectiveSpec:
+    """The registered spec of ``name``; an unknown name raises ``ValueError`` listing the known ones."""
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"objective name must be one of {', '.join(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from latentx.objectives.base import (
+    register_objective,
     GRPOConfig,
     LossOutput,
     PolicyBatch,
@@ -135,3 +136,15 @@ def clip_cov_loss(
         "tokens": mask.sum(),
     }
     return LossOutput(loss=loss, terms=to_floats(terms))
+
+
+register_objective(
+    name="clip_cov",
+    config_class=ClipCovConfig,
+    loss=lambda batch, config, grpo, generator: clip_cov_loss(batch, config, grpo, generator=generator),
+    new_state=lambda config, seed: torch.Generator().manual_seed(seed),  # the token sampling generator
+    state_key="clip_cov_generator",
+    save_state=lambda generator: generator.get_state(),
+    load_state=lambda generator, saved: generator.set_state(saved),
+    state_attribute="generator",
+)

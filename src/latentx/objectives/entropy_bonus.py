@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from latentx.objectives.base import (
+    register_objective,
     GRPOConfig,
     LossOutput,
     PolicyBatch,
@@ -174,3 +175,25 @@ def entropy_bonus_loss(
         "tokens": batch.mask.sum(),
     }
     return LossOutput(loss=loss, terms=to_floats(terms))
+
+
+def _entropy_bonus_objective_loss(
+    batch: PolicyBatch, cfg: EntropyBonusConfig, grpo: GRPOConfig, controller: EntropyCoefController
+) -> LossOutput:
+    """The loss with the controller's coefficient; records the micro-batch's entropy for its next update
+    (so call it on training micro-batches only)."""
+    out = entropy_bonus_loss(batch, cfg, grpo, coef=controller.coef_to_apply())
+    controller.observe(out.terms["entropy_sum"], out.terms["tokens"])
+    return out
+
+
+register_objective(
+    name="entropy_bonus",
+    config_class=EntropyBonusConfig,
+    needs=lambda config, grpo: {"entropy"},
+    loss=_entropy_bonus_objective_loss,
+    new_state=lambda config, seed: EntropyCoefController(config),
+    on_optimizer_step=lambda controller: {"entropy_coef": controller.step()},
+    state_key="entropy_bonus",
+    state_attribute="entropy_controller",
+)

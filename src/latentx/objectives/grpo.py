@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from latentx.objectives.base import (
+    register_objective,
     GRPOConfig,
     LossOutput,
     PolicyBatch,
@@ -171,3 +172,9 @@ def grpo_loss(batch: PolicyBatch, cfg: GRPOConfig) -> LossOutput:
         "tokens": batch.mask.sum(),
     }
     return LossOutput(loss=loss, terms=to_floats(terms))
+
+
+register_objective(
+    name="grpo",
+    loss=lambda batch, config, grpo, state: grpo_loss(batch, grpo),
+)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from latentx.objectives.base import (
+    register_objective,
     GRPOConfig,
     LossOutput,
     PolicyBatch,
@@ -120,3 +121,10 @@ def kl_cov_loss(batch: PolicyBatch, cfg: KLCovConfig, clip: GRPOConfig) -> LossO
         "tokens": mask.sum(),
     }
     return LossOutput(loss=loss, terms=to_floats(terms))
+
+
+register_objective(
+    name="kl_cov",
+    config_class=KLCovConfig,
+    loss=lambda batch, config, grpo, state: kl_cov_loss(batch, config, grpo),
+)

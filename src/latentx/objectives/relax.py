@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from latentx.objectives.base import (
+    register_objective,
     GRPOConfig,
     LossOutput,
     PolicyBatch,
@@ -215,3 +216,16 @@ def relax_loss(batch: PolicyBatch, cfg: RelaxConfig, clip: GRPOConfig) -> LossOu
         "tokens": mask.sum(),
     }
     return LossOutput(loss=loss, terms=to_floats(terms))
+
+
+def _relax_needs(cfg: RelaxConfig, grpo: GRPOConfig) -> set[str]:
+    # The reference is optional: without one the β term is 0 (reported in terms).
+    return {"dsd_grad", "ref"} if cfg.beta > 0 else {"dsd_grad"}
+
+
+register_objective(
+    name="relax",
+    config_class=RelaxConfig,
+    needs=_relax_needs,
+    loss=lambda batch, config, grpo, state: relax_loss(batch, config, grpo),
+)

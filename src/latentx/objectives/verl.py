@@ -30,7 +30,7 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import Tensor
 
-from latentx.objectives.base import GRPOConfig, LossOutput, PolicyBatch, _check_choice, _check_range
+from latentx.objectives.base import GRPOConfig, LossOutput, PolicyBatch, _check_choice, _check_range, register_objective
 from latentx.objectives.grpo import grpo_loss
 
 __all__ = [
@@ -329,3 +329,24 @@ def verl_loss(batch: PolicyBatch, cfg: GRPOConfig) -> LossOutput:
     """VERL's loss is the GRPO loss on the shaped advantages already in ``batch.advantages``
     (``[B, T]`` from :meth:`VerlShaper.shape`)."""
     return grpo_loss(batch, cfg)
+
+
+def _verl_shape_hook(
+    shaper: VerlShaper, advantages: Tensor, signals: Mapping[str, Tensor], mask: Tensor, rewards: Tensor | None
+) -> tuple[Tensor, dict[str, float]]:
+    missing = [k for k in ("er", "erv", "era") if k not in signals]
+    if missing:
+        raise ValueError(f"the 'verl' objective needs the rank signals {missing} (signal 'rank')")
+    return shaper.shape(advantages, signals["er"], signals["erv"], signals["era"], mask, rewards)
+
+
+register_objective(
+    name="verl",
+    config_class=VerlConfig,
+    needs=lambda config, grpo: {"rank"},
+    loss=lambda batch, config, grpo, state: verl_loss(batch, grpo),
+    new_state=lambda config, seed: VerlShaper(config),
+    shape_advantages=_verl_shape_hook,
+    state_key="verl",
+    state_attribute="verl_shaper",
+)
