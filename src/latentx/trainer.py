@@ -224,12 +224,12 @@ class Trainer:
         self.progress = progress
         self.log = log
         self.run_dir = cfg.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = _device(cfg.model.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        self.task = build_task(cfg.task)
+        self.task = build_task(cfg.task)  # bad task data is an error before the run directory exists
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint = latest_checkpoint(self.run_dir)
         if self.checkpoint is not None:
             self.model, self.tokenizer = load_model(str(self.checkpoint), device=str(self.device), dtype=cfg.model.dtype)
