@@ -340,10 +340,10 @@ def residual_objective(dictionary: KoopmanDictionary, H: torch.Tensor, mask: tor
 def test_fit_reduces_the_objective_and_records_attributes(loss: str) -> None:
     H = random_walk(12, 30, 6, seed=15, dtype=torch.float32)
     mask = full_mask(12, 30)
-    dictionary = KoopmanDictionary(6, m=5, seed=3)
+    dictionary = KoopmanDictionary(6, m=5, seed=3, fit_lr=3e-2, fit_batch_size=4, fit_epochs=5, fit_loss=loss)
     before = residual_objective(dictionary, H, mask)
     w0 = dictionary.weight.detach().clone()
-    out = dictionary.fit(H, mask, lr=3e-2, batch_size=4, epochs=5, loss=loss)
+    out = dictionary.fit(H, mask)
     assert out is dictionary
     assert dictionary.steps_ == 15 and len(dictionary.loss_history_) == 15
     assert dictionary.fit_params_["loss"] == loss and dictionary.n_trajectories_ == 60
@@ -357,25 +357,26 @@ def test_fit_is_reproducible_and_survives_degenerate_trajectories() -> None:
     mask = full_mask(6, 12)
     H[0] = 1.0  # constant trajectory: K of rank one, repeated eigenvalue 0
     mask[1, 1:] = False  # a single token: no pair
-    a = KoopmanDictionary(4, m=6, seed=7).fit(H, mask, lr=1e-2, batch_size=2, epochs=2)
-    b = KoopmanDictionary(4, m=6, seed=7).fit(H, mask, lr=1e-2, batch_size=2, epochs=2)
+    settings = dict(fit_lr=1e-2, fit_batch_size=2, fit_epochs=2)
+    a = KoopmanDictionary(4, m=6, seed=7, **settings).fit(H, mask)
+    b = KoopmanDictionary(4, m=6, seed=7, **settings).fit(H, mask)
     assert torch.equal(a.weight, b.weight) and a.loss_history_ == b.loss_history_
     assert torch.isfinite(a.weight).all() and all(np.isfinite(a.loss_history_))
-    c = KoopmanDictionary(4, m=6, seed=7).fit(H, mask, loss="svd", batch_size=1)
+    c = KoopmanDictionary(4, m=6, seed=7, fit_loss="svd", fit_batch_size=1).fit(H, mask)
     assert torch.isfinite(c.weight).all()
-    frozen = KoopmanDictionary(4, m=6, seed=7).requires_grad_(False)  # a frozen dictionary can be refit
+    frozen = KoopmanDictionary(4, m=6, seed=7, **settings).requires_grad_(False)  # a frozen dictionary can be refit
     with torch.no_grad():
-        frozen.fit(H, mask, lr=1e-2, batch_size=2, epochs=2)
+        frozen.fit(H, mask)
     assert torch.equal(frozen.weight, a.weight) and not frozen.weight.requires_grad
     with pytest.raises(ValueError, match="loss"):
-        a.fit(H, mask, loss="l2")
+        KoopmanDictionary(4, m=6, seed=7, fit_loss="l2")
     with pytest.raises(ValueError, match="batch_size"):
-        a.fit(H, mask, batch_size=0)
+        KoopmanDictionary(4, m=6, seed=7, fit_batch_size=0)
 
 
 def test_save_and_load_roundtrip(tmp_path) -> None:
     H = random_walk(4, 20, 5, seed=17, dtype=torch.float32)
-    dictionary = KoopmanDictionary(5, m=4, seed=11).fit(H, full_mask(4, 20), lr=1e-2, batch_size=2)
+    dictionary = KoopmanDictionary(5, m=4, seed=11, fit_lr=1e-2, fit_batch_size=2).fit(H, full_mask(4, 20))
     path = tmp_path / "koopman.safetensors"
     dictionary.save(path)
     loaded = KoopmanDictionary.load(path)

@@ -223,9 +223,9 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
     H0, _ = forward(tiny_dir, rollouts[0]["params"], first)
     torch.testing.assert_close(fit_H, H0, atol=1e-5, rtol=1e-5)
     assert fit_mask.tolist() == first["completion_mask"].bool().tolist()
-    independent = KoopmanDictionary(H0.shape[-1], m=8, seed=0).fit(
-        fit_H, fit_mask, lr=1e-3, batch_size=4, loss="residual", ridge=1e-3, scaling="mean"
-    )
+    independent = KoopmanDictionary(
+        H0.shape[-1], m=8, seed=0, fit_lr=1e-3, fit_batch_size=4, fit_loss="residual", ridge=1e-3, scaling="mean"
+    ).fit(fit_H, fit_mask)
     torch.testing.assert_close(trainer.koopman.dictionary.weight, independent.weight, atol=0.0, rtol=0.0)
     assert not torch.equal(independent.weight, KoopmanDictionary(H0.shape[-1], m=8, seed=0).weight)
 

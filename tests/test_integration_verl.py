@@ -292,9 +292,9 @@ def test_relax_first_pass_fits_dictionary_then_emits_dsd_and_train_dsd_has_grad(
 
     # the same fit, done by hand on the padded reference trajectories
     H_ref, mask_ref = padded_reference_trajectories(model, left_right_batch())
-    manual = KoopmanDictionary(32, 6, s.relax.fit_seed).fit(
-        H_ref.detach(), mask_ref, lr=s.relax.fit_lr, batch_size=2, loss=s.relax.fit_loss, ridge=s.relax.ridge
-    )
+    manual = KoopmanDictionary(
+        32, 6, s.relax.fit_seed, fit_lr=s.relax.fit_lr, fit_batch_size=2, fit_loss=s.relax.fit_loss, ridge=s.relax.ridge
+    ).fit(H_ref.detach(), mask_ref)
     torch.testing.assert_close(hook.state.dictionary.weight, manual.weight, atol=1e-5, rtol=1e-4)
     assert not hook.state.dictionary.weight.requires_grad
 

@@ -314,7 +314,9 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         self.warm_info = state.get("warm_info") or self.warm_info
         if (checkpoint / "koopman.safetensors").is_file():
-            self.dictionary = dynamics.KoopmanDictionary.load(checkpoint / "koopman.safetensors")
+            self.dictionary = dynamics.KoopmanDictionary.load(
+                checkpoint / "koopman.safetensors", expect=dynamics.KoopmanDictionary.config_from(self.cfg.relax)
+            )
             self.dictionary.to(self.device)
         set_rng_state(state["rng"])
 
@@ -326,21 +328,17 @@ class Trainer:
         size = max(r, (self.cfg.rollout.micro_batch_size // r) * r)
         return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
-    def _signals(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _signals(self, hidden: torch.Tensor, mask: torch.Tensor, fitting: bool = False) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.needs_rank:
             rd = dynamics.rank_dynamics(hidden, mask, stride=self.cfg.verl.stride, window=self.cfg.verl.window)
             out.update(er=rd.er, erv=rd.erv, era=rd.era)
-        if self.needs_dsd and self.dictionary is not None:
+        if self.needs_dsd and self.dictionary is not None and not fitting:  # a fit step: DSD after the fit
             out["dsd"] = self._dsd(hidden, mask)
         return out
 
     def _dsd(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rc = self.cfg.relax
-        return dynamics.dsd(
-            hidden, mask, self.dictionary, spectrum=rc.spectrum, residual_threshold=rc.residual_threshold,
-            ridge=rc.ridge, scaling=rc.scaling,
-        )
+        return self.dictionary.dsd(hidden, mask)
 
     def _fit_dictionary(self, trajectories: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         rc = self.cfg.relax
@@ -349,10 +347,7 @@ class Trainer:
         H = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1])) for h, _ in trajectories])
         M = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for _, m in trajectories])
         start = time.perf_counter()
-        self.dictionary = dynamics.KoopmanDictionary(hidden_size, m=rc.m, seed=rc.fit_seed).to(H.device)
-        self.dictionary.fit(
-            H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, loss=rc.fit_loss, ridge=rc.ridge, scaling=rc.scaling
-        )
+        self.dictionary = dynamics.KoopmanDictionary.from_config(rc, hidden_size).to(H.device).fit(H, M)
         self.dictionary.requires_grad_(False)
         return time.perf_counter() - start
 
@@ -404,7 +399,7 @@ class Trainer:
                     ref_logp[sl, :t] = policy_forward(self.reference, mb, want_hidden=False, want_entropy=False).logp.float()
                 if need_hidden:
                     ts = time.perf_counter()
-                    for key, value in self._signals(fo.hidden, mask).items():
+                    for key, value in self._signals(fo.hidden, mask, fitting=fit_now).items():
                         signals.setdefault(key, torch.zeros(n, device=dev))[sl] = value.detach().float()
                     if fit_now:
                         kept.append((fo.hidden.detach().float(), mask))

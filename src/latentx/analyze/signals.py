@@ -320,10 +320,11 @@ def _fit_dictionary(kept: list[tuple[Tensor, Tensor]], lengths: np.ndarray, sett
     if not (lengths >= 3).any():
         return None, "none (no response has the 3 tokens a Koopman fit needs)"
     H, M = _pad_cat(kept)
-    dictionary = dynamics.KoopmanDictionary(H.shape[-1], m=settings.m, seed=settings.fit_seed)
-    rc = RelaxConfig()
-    dictionary.fit(H, M, lr=rc.fit_lr, batch_size=rc.fit_batch_size, epochs=settings.fit_epochs, loss=rc.fit_loss,
-                   ridge=settings.ridge, scaling=settings.scaling, progress=progress)
+    dictionary = dynamics.KoopmanDictionary.from_config(
+        RelaxConfig(), H.shape[-1], m=settings.m, seed=settings.fit_seed, ridge=settings.ridge,
+        scaling=settings.scaling, fit_epochs=settings.fit_epochs,
+    )
+    dictionary.fit(H, M, progress=progress)
     dictionary.requires_grad_(False)
     return dictionary, f"fitted on these {len(lengths)} trajectories ({dictionary.steps_} Adam steps)"
 
@@ -409,8 +410,8 @@ def _koopman_signals(
             continue
         mask = _truncate(mask, part)
         with torch.no_grad():
-            info = dynamics.dsd_with_info(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
-            spectrum = dynamics.koopman_spectrum(hidden, mask, dictionary, ridge=settings.ridge, scaling=settings.scaling)
+            info = dictionary.dsd_with_info(hidden, mask)  # the dictionary's own settings (METHODS.md §2)
+            spectrum = dictionary.spectrum(hidden, mask)
         dsd_rows.append(info.dsd.double().numpy())
         eig_rows.append(spectrum.eigvals.to(torch.complex128).numpy())
         res_rows.append(spectrum.residuals.double().numpy())

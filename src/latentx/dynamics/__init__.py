@@ -10,6 +10,10 @@ unpadded trajectory.  Specification: ``shared/docs/METHODS.md`` sections 1 (VERL
 from latentx.dynamics._validate import check_trajectories, pack_valid
 from latentx.dynamics.entropy import token_entropies, token_entropy
 from latentx.dynamics.koopman import (
+    AUTHORS_SEED,
+    RIDGE_FLOOR,
+    KoopmanSettings,
+    authors_settings,
     DSDInfo,
     KoopmanDictionary,
     KoopmanSpectrum,
@@ -30,6 +34,10 @@ __all__ = [
     "rank_dynamics_reference",
     "RankDynamics",
     "KoopmanDictionary",
+    "KoopmanSettings",
+    "RIDGE_FLOOR",
+    "AUTHORS_SEED",
+    "authors_settings",
     "KoopmanSpectrum",
     "DSDInfo",
     "edmd",

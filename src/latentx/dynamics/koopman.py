@@ -1,14 +1,45 @@
 """Koopman spectrum of hidden-state trajectories and Dynamic Spectral Dispersion (ReLaX).
 
 Implements METHODS.md section 2 (ReLaX, Zhang et al. arXiv:2512.07558; EDMD, Williams, Kevrekidis & Rowley
-2015; Residual DMD, Colbrook & Townsend 2024; ResKoopNet, Xu et al. ICML 2025):
+2015; Residual DMD, Colbrook & Townsend 2024; ResKoopNet, Xu et al. ICML 2025) and the options of section 3a
+(the authors' released computation):
 
     g(x) = sigmoid(W x),  Psi_X = g(H[0:T-1]),  Psi_Y = g(H[1:T])           (rows = snapshots, n = T - 1)
     G = Psi_X^T Psi_X / n,  A = Psi_X^T Psi_Y / n,  L = Psi_Y^T Psi_Y / n,  K = (G + ridge I)^{-1} A
     DSD(H) = Var_j |lambda_j(K)|  (unbiased, over the m moduli)
 
+The estimator.  :class:`KoopmanDictionary` is the one object that holds W *and* every hyper-parameter
+(scikit-learn / PyDMD shape): ``KoopmanDictionary(hidden_size, m=50, seed=0, **settings)`` with the
+settings of :class:`KoopmanSettings` (named as :class:`latentx.objectives.RelaxConfig`'s signal fields),
+then ``.fit(H, mask)`` (a fresh W from ``init`` / ``seed``, then Adam), ``.dsd(H, mask)``,
+``.dsd_with_info``, ``.spectrum(H, mask)``, ``.operator(H, mask)``, ``.fit_objective(H, mask)``, ``.save`` /
+``.load`` (every setting round-trips; ``load(path, expect=...)`` refuses a file saved with other settings,
+naming the field).  The functions :func:`dsd`, :func:`dsd_with_info`, :func:`koopman_spectrum`,
+:func:`koopman_operator` are the same computation as functions of (H, mask, dictionary); every argument
+left at ``None`` takes the dictionary's setting.
+
 Numerics: Gram matrices, the solve and the eigenproblem are float64 (they are m x m; the lift itself runs in
 the compute dtype), so the ridge regularisation is honoured even with ``scaling="unscaled"``.
+
+Numeric guards (what a degenerate input gets; each is tested in tests/test_dynamics_koopman.py):
+
+* **Ridge floor.**  The solve never sees a singular matrix: the ridge actually added to G is
+  max(ridge, RIDGE_FLOOR * max(1, max_i G_ii)), RIDGE_FLOOR = 1e-12, so cond(G + ridge I) <= ~m * 1e12 and
+  K is finite and bounded; torch's eigen-solver therefore only ever gets finite input (a LAPACK failure
+  on a singular / non-finite K with ridge = 0 corrupted the heap).  A *setting* ``ridge`` below the floor
+  (the estimator's constructor) is a ``ValueError`` naming ``ridge``; the functions raise it to the floor
+  with a ``UserWarning``.  The one exception is :func:`edmd` with ``ridge=0``, which has no eigenproblem
+  and keeps the exact pseudo-inverse K = Psi_X^+ Psi_Y (PyDMD's exact DMD).
+* **Huge inputs.**  The lift is computed in the compute dtype; where a valid row's pre-activation W x
+  overflows it (|x| near 3e38 in float32 / bfloat16) it is recomputed in float64, so every finite float32
+  / bfloat16 / float16 input gives a finite result (the sigmoid just saturates).  A float64 input whose
+  pre-activation overflows float64 is a ``ValueError`` naming the response.
+* **Empty fits.**  ``fit`` / ``fit_objective`` on B = 0, on a mask without a valid token, or (masked layout)
+  without any snapshot pair is a ``ValueError``.
+* **Finite gradients.**  The cast from H's dtype to the compute dtype is a guarded autograd step: per
+  response, a gradient with a non-finite entry is zeroed, and one whose largest entry exceeds the largest
+  finite value of H's dtype (float16: 65504) is rescaled to it, direction kept; so the gradient is finite
+  wherever the value is.
 
 Gradient of DSD (ReLaX back-propagates it into the policy).  ``torch.linalg.eigvals``' own backward divides
 by eigenvector conditioning and returns inf / NaN at repeated or defective eigenvalues, which do occur here
@@ -29,10 +60,13 @@ Any non-finite entry left after that zeroes that response's gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +75,12 @@ from latentx.dynamics._validate import check_mask, check_trajectories, compute_d
 
 __all__ = [
     "KoopmanDictionary",
+    "KoopmanSettings",
     "KoopmanSpectrum",
     "DSDInfo",
+    "RIDGE_FLOOR",
+    "AUTHORS_SEED",
+    "authors_settings",
     "edmd",
     "koopman_operator",
     "koopman_spectrum",
@@ -52,10 +90,13 @@ __all__ = [
 ]
 
 Scaling = Literal["mean", "unscaled"]
+RIDGE_FLOOR = 1e-12  # smallest ridge used in any solve that feeds an eigenproblem (module docstring)
+AUTHORS_SEED = 42  # the seed of the authors' released code (METHODS.md section 3a)
 _SINGULAR_EPS = 1e-3  # r_j = sqrt(S_j^2 + 1e-3) for spectrum="singular" (the authors' code)
 _ZERO_MODULUS = 1e-7  # guard 1
 _INVERSE_DAMPING = 1e-10  # guard 2
 _CONDITION_CAP = 1e3  # guard 3
+_USE_DICTIONARY: Any = object()  # "take the dictionary's setting" for residual_threshold (None means "off")
 
 
 class KoopmanSpectrum(NamedTuple):
@@ -74,25 +115,273 @@ class DSDInfo(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dictionary
+# Settings
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _finite_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class KoopmanSettings:
+    """Every hyper-parameter of a :class:`KoopmanDictionary` except ``hidden_size``, ``m`` and ``seed``.
+
+    The names are :class:`latentx.objectives.RelaxConfig`'s signal fields (METHODS.md sections 2 and 3a);
+    defaults are ours (the paper's computation, masked padding).  Errors name the field.
+
+    Spectrum / DSD:
+        spectrum: ``"eig"`` (r_j = |lambda_j(K)|, paper) or ``"singular"`` (r_j = sqrt(S_j^2 + 1e-3), the
+            authors' code).
+        ridge: lambda of K = (G + lambda I)^{-1} A; at least :data:`RIDGE_FLOOR`.
+        scaling: ``"mean"`` (G, A divided by the number of pairs n) or ``"unscaled"`` (raw Gram, authors).
+        residual_threshold: ``None`` (no filtering) or tau > 0: DSD over the modes with Residual-DMD
+            residual <= tau (only with ``spectrum="eig"``).
+        pad_to: 0 / ``None`` (default): padding is masked, each response is its valid tokens.  P > 0 (the
+            authors' layout): each response's valid states followed by zeros up to P positions, all P used
+            unmasked (n = P - 1 pairs, the padding lifts to g(0) = 0.5); a response longer than P is an error.
+    Initialisation:
+        init: ``"normal"`` (ours: W_ij ~ Normal(0, 1/d)) or ``"kaiming_uniform"`` (the authors':
+            kaiming_uniform(a = sqrt(7)), i.e. Uniform(+-sqrt(3) * 0.5 / sqrt(d)), std 0.5 / sqrt(d)).  Both
+            drawn in float32 from ``torch.Generator().manual_seed(seed)`` on the CPU (the authors used
+            seed 42, :data:`AUTHORS_SEED`).
+    Fit (METHODS.md section 2 "Learning W"):
+        fit_loss: ``"residual"`` (ResKoopNet: (1/N) ||(Psi_Y - Psi_X K) Phi||_F^2, Phi = eigenvectors of K,
+            held fixed within a step) or ``"svd"`` (the authors' formula exactly: K = U S Vh by
+            ``torch.linalg.svd``, J = ||Psi_Y Vh - Psi_X Vh S||_F / B with Vh used as returned, gradient
+            through the SVD).  Both pool ONE K over all snapshot pairs of the mini-batch of B trajectories.
+        fit_window: ``None`` / 0 (default): the fit sees each response's valid tokens (masked).  W > 0 (the
+            authors' layout): the first W positions of each response, zero-padded to W, unmasked.
+        fit_lr: Adam learning rate (1e-4 paper; 1e-3 the authors' code).
+        fit_batch_size: trajectories per mini-batch (64).
+        fit_epochs: passes over the trajectories (1).
+    """
+
+    spectrum: Literal["eig", "singular"] = "eig"
+    ridge: float = 1e-3
+    scaling: Scaling = "mean"
+    residual_threshold: float | None = None
+    init: Literal["normal", "kaiming_uniform"] = "normal"
+    pad_to: int = 0
+    fit_window: int | None = None
+    fit_loss: Literal["residual", "svd"] = "residual"
+    fit_lr: float = 1e-4
+    fit_batch_size: int = 64
+    fit_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.spectrum not in ("eig", "singular"):
+            raise ValueError(f"spectrum must be 'eig' or 'singular', got {self.spectrum!r}")
+        if not _finite_number(self.ridge) or self.ridge < RIDGE_FLOOR:
+            raise ValueError(f"ridge must be a finite number >= {RIDGE_FLOOR} (the ridge floor), got {self.ridge!r}")
+        if self.scaling not in ("mean", "unscaled"):
+            raise ValueError(f"scaling must be 'mean' or 'unscaled', got {self.scaling!r}")
+        if self.residual_threshold is not None:
+            if not _finite_number(self.residual_threshold) or self.residual_threshold <= 0:
+                raise ValueError(f"residual_threshold must be a number > 0 or None, got {self.residual_threshold!r}")
+            if self.spectrum != "eig":
+                raise ValueError("residual_threshold needs spectrum='eig' (residuals are defined for eigenpairs)")
+        if self.init not in ("normal", "kaiming_uniform"):
+            raise ValueError(f"init must be 'normal' or 'kaiming_uniform', got {self.init!r}")
+        if self.pad_to is None:
+            object.__setattr__(self, "pad_to", 0)
+        _positive_int("pad_to", self.pad_to, minimum=0)
+        if self.fit_window == 0:
+            object.__setattr__(self, "fit_window", None)
+        if self.fit_window is not None:
+            _positive_int("fit_window", self.fit_window, minimum=2)
+        if self.fit_loss not in ("residual", "svd"):
+            raise ValueError(f"fit_loss must be 'residual' or 'svd', got {self.fit_loss!r}")
+        if not _finite_number(self.fit_lr) or self.fit_lr <= 0:
+            raise ValueError(f"fit_lr must be a positive number, got {self.fit_lr!r}")
+        _positive_int("fit_batch_size", self.fit_batch_size)
+        _positive_int("fit_epochs", self.fit_epochs)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def create(cls, **settings: Any) -> "KoopmanSettings":
+        """Like the constructor, but an unknown name is a ``ValueError`` listing the known ones."""
+        unknown = sorted(set(settings) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"unknown Koopman setting {unknown[0]!r}; the settings are {', '.join(cls.names())}")
+        return cls(**settings)
+
+    @classmethod
+    def from_config(cls, cfg: object, **overrides: Any) -> "KoopmanSettings":
+        """The settings that a config object (e.g. ``RelaxConfig``) has as attributes, plus ``overrides``."""
+        values = {name: getattr(cfg, name) for name in cls.names() if hasattr(cfg, name)}
+        values.update(overrides)
+        return cls.create(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.names()}
+
+    def replace(self, **changes: Any) -> "KoopmanSettings":
+        return dataclasses.replace(self, **changes)
+
+
+def authors_settings(max_response_tokens: int) -> dict[str, Any]:
+    """The Koopman side of the authors' released computation (METHODS.md section 3a), as settings.
+
+    ``pad_to`` is the maximum response length L_max of the run (their scripts: 3072 = max response length);
+    use with ``seed=AUTHORS_SEED``.  Not covered: they compute K and its spectrum in float32, we in float64.
+    """
+    _positive_int("max_response_tokens", max_response_tokens)
+    return dict(
+        spectrum="singular", ridge=1e-3, scaling="unscaled", init="kaiming_uniform", pad_to=max_response_tokens,
+        fit_window=512, fit_loss="svd", fit_lr=1e-3, fit_batch_size=64, fit_epochs=1,
+    )
+
+
+def _initial_weight(hidden_size: int, m: int, seed: int, init: str) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if init == "normal":
+        return torch.randn(m, hidden_size, generator=generator, dtype=torch.float32) / math.sqrt(hidden_size)
+    weight = torch.empty(m, hidden_size, dtype=torch.float32)
+    return torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(7.0), generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guarded numerics
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ComputeCast(torch.autograd.Function):
+    """H -> H in the compute dtype; backward guards the gradient per response (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, H: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        ctx.in_dtype = H.dtype
+        return H.to(dtype) if H.dtype != dtype else H.view_as(H)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if grad.ndim != 3 or grad.shape[0] == 0:
+            return grad.to(ctx.in_dtype), None
+        flat = grad.reshape(grad.shape[0], -1)
+        finite = torch.isfinite(flat).all(dim=1)
+        flat = torch.where(finite[:, None], flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+        limit = torch.finfo(ctx.in_dtype).max / 2
+        peak = flat.abs().amax(dim=1) if flat.shape[1] else torch.zeros_like(finite, dtype=flat.dtype)
+        if bool((peak > limit).any()):
+            scale = torch.where(peak > limit, limit / peak.clamp_min(limit), torch.ones_like(peak))
+            flat = flat * scale[:, None]
+        return flat.reshape(grad.shape).to(ctx.in_dtype), None
+
+
+def _to_compute(H: Tensor) -> Tensor:
+    dtype = compute_dtype(H.dtype)
+    if H.requires_grad and torch.is_grad_enabled():
+        return _ComputeCast.apply(H, dtype)
+    return H.to(dtype)
+
+
+def _lift(weight: Tensor, X: Tensor) -> Tensor:
+    """sigmoid(X W^T) in X's dtype; a pre-activation that overflows it is redone in float64 (module docstring)."""
+    W = weight.to(device=X.device, dtype=X.dtype)
+    pre = X @ W.mT
+    if X.dtype != torch.float64 and pre.numel() and not bool(torch.isfinite(pre).all()):
+        return torch.sigmoid(X.double() @ W.double().mT).to(X.dtype)
+    if pre.numel() and not bool(torch.isfinite(pre).all()):
+        bad = ~torch.isfinite(pre.detach())
+        where = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.ndim >= 2 else bad.reshape(1, -1).any(dim=1)
+        index = first_bad_index(where) if bad.ndim == 3 else 0
+        raise ValueError(
+            f"H is too large in response {index}: the dictionary's pre-activation W x overflows float64"
+        )
+    return torch.sigmoid(pre)
+
+
+def _check_ridge(ridge: object, what: str = "ridge", zero_ok: bool = False) -> float:
+    if not _finite_number(ridge) or ridge < 0:  # type: ignore[operator]
+        raise ValueError(f"{what} must be a finite number >= 0, got {ridge!r}")
+    ridge = float(ridge)  # type: ignore[arg-type]
+    if ridge < RIDGE_FLOOR and not (zero_ok and ridge == 0):
+        warnings.warn(
+            f"{what}={ridge!r} is below the ridge floor {RIDGE_FLOOR}: raised to the floor "
+            "(latentx.dynamics.koopman: a smaller ridge can make torch's eigen-solver fail)",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+    return ridge
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel of the first frame outside this module (the user's call)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_scaling(scaling: object) -> None:
+    if scaling not in ("mean", "unscaled"):
+        raise ValueError(f"scaling must be 'mean' or 'unscaled', got {scaling!r}")
+
+
+def _check_ridge_scaling(ridge: float, scaling: str) -> None:
+    _check_ridge(ridge)
+    _check_scaling(scaling)
+
+
+def _solve_koopman(gram: Tensor, cross: Tensor, ridge: float, pinv_at_zero: bool = False) -> Tensor:
+    """K = (G + r I)^{-1} A, r = max(ridge, RIDGE_FLOOR * max(1, max_i G_ii)) (the ridge floor).
+
+    ``pinv_at_zero`` (only :func:`edmd`): ridge = 0 gives the pseudo-inverse solution K = G^+ A instead.
+    """
+    if pinv_at_zero and ridge == 0:
+        return torch.linalg.pinv(gram, hermitian=True) @ cross
+    m = gram.shape[-1]
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    scale = torch.diagonal(gram.detach(), dim1=-2, dim2=-1).amax(dim=-1).clamp_min(1.0) if m else gram.new_ones(())
+    r = torch.clamp(RIDGE_FLOOR * scale, min=ridge)
+    return torch.linalg.solve(gram + r[..., None, None] * eye, cross)
+
+
+def _finite_operator(K: Tensor) -> Tensor:
+    """Never hand torch's eigen-solver a non-finite matrix (cannot happen after the ridge floor; checked)."""
+    bad = ~torch.isfinite(K.detach()).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"the Koopman matrix of response {first_bad_index(bad)} is not finite")
+    return K
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The estimator
 # ----------------------------------------------------------------------------------------------------------
 
 
 class KoopmanDictionary(nn.Module):
-    """Learned Koopman dictionary g(x) = sigmoid(W x), W in R^{m x d}, no bias (METHODS.md section 2).
+    """The Koopman estimator: a learned dictionary g(x) = sigmoid(W x), W in R^{m x d}, no bias, and every
+    hyper-parameter of its fit and of its spectrum (METHODS.md sections 2 and 3a).
 
-    Initialisation (recorded in the saved metadata as ``init``): W_ij ~ Normal(0, 1/d), drawn in float32
-    from ``torch.Generator().manual_seed(seed)`` on the CPU, so the same ``(hidden_size, m, seed)`` gives
-    the same W on every machine.  ``fit`` shuffles trajectories with a generator seeded by ``seed`` too.
+    ``KoopmanDictionary(hidden_size, m=50, seed=0, **settings)``: ``settings`` are the fields of
+    :class:`KoopmanSettings` (``spectrum``, ``ridge``, ``scaling``, ``residual_threshold``, ``init``,
+    ``pad_to``, ``fit_window``, ``fit_loss``, ``fit_lr``, ``fit_batch_size``, ``fit_epochs``), kept in
+    ``self.settings``.  :meth:`from_config` builds one from a ``RelaxConfig`` (``m``, ``fit_seed`` and the
+    settings it has).
 
-    Attributes after :meth:`fit`: ``loss_history_`` (one float per optimiser step), ``steps_`` (total Adam
-    steps), ``skipped_steps_`` (mini-batches skipped because they had no snapshot pair or a non-finite
-    loss), ``fit_params_`` (the arguments of the last fit), ``n_trajectories_`` (trajectories seen).
+    ``fit`` starts from a fresh W (``init`` under ``seed``; scikit-learn's ``fit`` semantics: refitting gives a
+    new dictionary, as the authors' periodic refit does) and shuffles with a generator seeded by ``seed``, so
+    the same data and settings give the same W on every machine.
+
+    Attributes after :meth:`fit`: ``loss_history_`` (one float per optimiser step), ``steps_`` (Adam steps),
+    ``skipped_steps_`` (mini-batches skipped: no snapshot pair, or a non-finite loss / gradient),
+    ``n_trajectories_`` (trajectories seen, epochs included), ``fitted_`` (True after ``fit`` or ``load``),
+    ``fit_params_`` (the fit's settings, in the old key names: lr, batch_size, epochs, loss, ridge, scaling).
     """
 
-    init_scheme = "normal(0, 1/hidden_size), float32, torch.Generator(cpu).manual_seed(seed)"
-
-    def __init__(self, hidden_size: int, m: int = 50, seed: int = 0):
+    def __init__(self, hidden_size: int, m: int = 50, seed: int = 0, **settings: Any):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("m", m)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,17 +389,56 @@ class KoopmanDictionary(nn.Module):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.hidden_size, self.m, self.seed = hidden_size, m, seed
-        generator = torch.Generator().manual_seed(seed)
-        weight = torch.randn(m, hidden_size, generator=generator, dtype=torch.float32) / math.sqrt(hidden_size)
-        self.weight = nn.Parameter(weight)
+        self.settings = KoopmanSettings.create(**settings)
+        self.weight = nn.Parameter(_initial_weight(hidden_size, m, seed, self.settings.init))
+        self._clear_fit_state()
+
+    @classmethod
+    def config_from(cls, cfg: object, **overrides: Any) -> dict[str, Any]:
+        """``m = cfg.m``, ``seed = cfg.fit_seed`` and every setting ``cfg`` has (``overrides`` win), validated:
+        the keyword arguments of the dictionary a ``RelaxConfig`` describes (and :meth:`load`'s ``expect``)."""
+        m = overrides.pop("m", getattr(cfg, "m", 50))
+        seed = overrides.pop("seed", getattr(cfg, "fit_seed", 0))
+        _positive_int("m", m)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        return dict(m=m, seed=seed, **KoopmanSettings.from_config(cfg, **overrides).as_dict())
+
+    @classmethod
+    def from_config(cls, cfg: object, hidden_size: int, **overrides: Any) -> "KoopmanDictionary":
+        """The dictionary of :meth:`config_from` (an unfitted one): how the trainer, ``analyze``, TRL and verl
+        build theirs from a ``RelaxConfig``."""
+        return cls(hidden_size, **cls.config_from(cfg, **overrides))
+
+    def _clear_fit_state(self) -> None:
         self.loss_history_: list[float] = []
         self.steps_ = 0
         self.skipped_steps_ = 0
         self.n_trajectories_ = 0
+        self.fitted_ = False
         self.fit_params_: dict = {}
 
+    @property
+    def init_scheme(self) -> str:
+        if self.settings.init == "normal":
+            return "normal(0, 1/hidden_size), float32, torch.Generator(cpu).manual_seed(seed)"
+        return "kaiming_uniform(a=sqrt(7)), float32, torch.Generator(cpu).manual_seed(seed)"
+
+    def config(self) -> dict[str, Any]:
+        """``hidden_size``, ``m``, ``seed`` and every setting: what :meth:`save` records and :meth:`load` checks."""
+        return dict(hidden_size=self.hidden_size, m=self.m, seed=self.seed, **self.settings.as_dict())
+
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, m={self.m}, seed={self.seed}, steps_={self.steps_}"
+        changed = {k: v for k, v in self.settings.as_dict().items() if v != getattr(KoopmanSettings, k)}
+        extra = "".join(f", {k}={v!r}" for k, v in changed.items())
+        return f"hidden_size={self.hidden_size}, m={self.m}, seed={self.seed}{extra}, steps_={self.steps_}"
+
+    def reset_parameters(self) -> None:
+        """W back to its initial draw (``init`` under ``seed``) and the fit attributes cleared."""
+        weight = _initial_weight(self.hidden_size, self.m, self.seed, self.settings.init)
+        with torch.no_grad():
+            self.weight.copy_(weight.to(self.weight.device))
+        self._clear_fit_state()
 
     def lift(self, H: Tensor) -> Tensor:
         """g(H) = sigmoid(H W^T) over the last dimension, in H's compute dtype (float32 / float64)."""
@@ -118,56 +446,69 @@ class KoopmanDictionary(nn.Module):
             raise ValueError("H must be a floating-point torch.Tensor")
         if H.shape[-1] != self.hidden_size:
             raise ValueError(f"H has hidden size {H.shape[-1]} but the dictionary expects {self.hidden_size}")
-        dtype = compute_dtype(H.dtype)
-        return torch.sigmoid(H.to(dtype) @ self.weight.to(device=H.device, dtype=dtype).mT)
+        return _lift(self.weight, H.to(compute_dtype(H.dtype)))
 
     forward = lift
 
-    def fit(
-        self,
-        H: Tensor,
-        mask: Tensor,
-        lr: float = 1e-4,
-        batch_size: int = 64,
-        epochs: int = 1,
-        loss: Literal["residual", "svd"] = "residual",
-        ridge: float = 1e-3,
-        scaling: Scaling = "mean",
-        progress: bool = False,
-    ) -> "KoopmanDictionary":
-        """Learn W on trajectories ``H[B, T, d]`` (METHODS.md section 2, "Learning W"); returns ``self``.
+    # -- spectrum and DSD with this dictionary's settings ------------------------------------------------
 
-        Adam on W; each epoch visits the B trajectories once in mini-batches of ``batch_size`` (shuffled with
-        the dictionary's seed).  Per mini-batch the valid snapshot pairs of its trajectories are pooled,
-        K = (G + ridge I)^{-1} A is recomputed from the current W (a differentiable function of W), and
+    def operator(self, H: Tensor, mask: Tensor) -> Tensor:
+        """EDMD Koopman matrix K ``[B, m, m]`` of every response (see :func:`koopman_operator`)."""
+        return koopman_operator(H, mask, self)
 
-        * ``loss="residual"`` (default, ResKoopNet/ResDMD): J = (1/N) ||(Psi_Y - Psi_X K) Phi||_F^2, N the
-          number of pairs, Phi the eigenvectors of K.  Phi is held fixed within the step (stop-gradient:
-          eigenvector derivatives are undefined at repeated eigenvalues), so J = (1/N) tr(R Re(Phi Phi^H) R^T)
-          with R = Psi_Y - Psi_X K real; K carries the gradient.
-        * ``loss="svd"`` (the authors' code): K = U S V^T, J = ||Psi_Y V - Psi_X V S||_F / (trajectories in
-          the mini-batch); V is held fixed within the step, S carries gradient (singular-value gradients
-          are well defined at repeated values).
+    def spectrum(self, H: Tensor, mask: Tensor) -> KoopmanSpectrum:
+        """Eigenvalues of K and their residuals (see :func:`koopman_spectrum`), detached."""
+        return koopman_spectrum(H, mask, self)
 
-        A mini-batch with no snapshot pair or a non-finite loss is skipped (counted in ``skipped_steps_``).
-        """
-        if loss not in ("residual", "svd"):
-            raise ValueError(f"loss must be 'residual' or 'svd', got {loss!r}")
-        _check_ridge_scaling(ridge, scaling)
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        for name, value in (("batch_size", batch_size), ("epochs", epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+    def dsd_with_info(self, H: Tensor, mask: Tensor) -> DSDInfo:
+        """DSD, modes kept and moduli (see :func:`dsd_with_info`)."""
+        return dsd_with_info(H, mask, self)
+
+    def dsd(self, H: Tensor, mask: Tensor) -> Tensor:
+        """DSD ``Tensor[B]`` of every response, differentiable w.r.t. ``H`` (see :func:`dsd`)."""
+        return dsd_with_info(H, mask, self).dsd
+
+    # -- fit ---------------------------------------------------------------------------------------------
+
+    def _fit_data(self, H: Tensor, mask: Tensor, what: str) -> tuple[Tensor, Tensor]:
+        """Validated fit trajectories ``(X, lengths)``: masked, or the first ``fit_window`` positions padded."""
         H, mask = check_trajectories(H, mask)
         if H.shape[2] != self.hidden_size:
             raise ValueError(f"H has hidden size {H.shape[2]} but the dictionary expects {self.hidden_size}")
-        self.to(H.device)
-        X, lengths = pack_valid(H.detach(), mask)
+        if H.shape[0] == 0:
+            raise ValueError(f"{what}: H holds no response (B = 0), nothing to fit the Koopman dictionary on")
+        if not bool(mask.any()):
+            raise ValueError(f"{what}: mask has no valid token, nothing to fit the Koopman dictionary on")
+        X, lengths = pack_valid(H, mask)
+        window = self.settings.fit_window
+        if window is not None:
+            X = X[:, :window]
+            if X.shape[1] < window:
+                X = torch.nn.functional.pad(X, (0, 0, 0, window - X.shape[1]))
+            return X, torch.full_like(lengths, window)
+        if int(lengths.max()) < 2:
+            raise ValueError(f"{what}: no response has 2 valid tokens (a snapshot pair) to fit the dictionary on")
+        return X, lengths
+
+    def fit(self, H: Tensor, mask: Tensor, progress: bool = False) -> "KoopmanDictionary":
+        """Learn W on trajectories ``H[B, T, d]`` (METHODS.md section 2 "Learning W", 3a); returns ``self``.
+
+        W starts from its initial draw; Adam (``fit_lr``) on W; each of ``fit_epochs`` passes visits the B
+        trajectories once in mini-batches of ``fit_batch_size`` (shuffled with the dictionary's seed), and
+        minimises :meth:`fit_objective` of each mini-batch.  A mini-batch with no snapshot pair or a
+        non-finite loss / gradient is skipped (counted in ``skipped_steps_``).  B = 0, no valid token, or
+        (masked) no snapshot pair at all: ``ValueError``.
+        """
+        s = self.settings
+        X, lengths = self._fit_data(H.detach(), mask, "fit")
+        self.to(X.device)
+        self.reset_parameters()
         generator = torch.Generator().manual_seed(self.seed)
-        optimizer = torch.optim.Adam([self.weight], lr=lr)
+        optimizer = torch.optim.Adam([self.weight], lr=s.fit_lr)
         batches = [
-            chunk for _ in range(epochs) for chunk in torch.randperm(X.shape[0], generator=generator).split(batch_size)
+            chunk
+            for _ in range(s.fit_epochs)
+            for chunk in torch.randperm(X.shape[0], generator=generator).split(s.fit_batch_size)
         ]
         if progress:
             from tqdm.auto import tqdm
@@ -178,20 +519,31 @@ class KoopmanDictionary(nn.Module):
         try:
             with torch.enable_grad():
                 for chunk in batches:
-                    self._fit_step(optimizer, X[chunk.to(X.device)], lengths[chunk.to(X.device)], loss, ridge, scaling)
+                    chunk = chunk.to(X.device)
+                    self._fit_step(optimizer, X[chunk], lengths[chunk])
         finally:
             self.weight.requires_grad_(trainable)
             self.weight.grad = None
-        self.n_trajectories_ += int(X.shape[0]) * epochs
+        self.n_trajectories_ = int(X.shape[0]) * s.fit_epochs
+        self.fitted_ = True
         self.fit_params_ = dict(
-            lr=float(lr), batch_size=batch_size, epochs=epochs, loss=loss, ridge=float(ridge), scaling=scaling
+            lr=float(s.fit_lr), batch_size=s.fit_batch_size, epochs=s.fit_epochs, loss=s.fit_loss,
+            ridge=float(s.ridge), scaling=s.scaling,
         )
         return self
 
-    def _fit_step(
-        self, optimizer: torch.optim.Optimizer, X: Tensor, lengths: Tensor, loss: str, ridge: float, scaling: Scaling
-    ) -> None:
-        objective = self._batch_loss(X, lengths, loss, ridge, scaling)
+    def fit_objective(self, H: Tensor, mask: Tensor) -> Tensor:
+        """The configured fit loss (``fit_loss``, ``fit_window``, ``ridge``, ``scaling``) of ONE mini-batch:
+        all trajectories of ``H`` pooled into one K.  A scalar, differentiable in W (and H)."""
+        X, lengths = self._fit_data(H, mask, "fit_objective")
+        objective = self._batch_loss(X, lengths, self.settings.fit_loss, self.settings.ridge, self.settings.scaling)
+        if objective is None:  # pragma: no cover - _fit_data guarantees a pair
+            raise ValueError("fit_objective: no snapshot pair")
+        return objective
+
+    def _fit_step(self, optimizer: torch.optim.Optimizer, X: Tensor, lengths: Tensor) -> None:
+        s = self.settings
+        objective = self._batch_loss(X, lengths, s.fit_loss, s.ridge, s.scaling)
         if objective is None or not bool(torch.isfinite(objective)):
             self.skipped_steps_ += 1
             return
@@ -205,7 +557,8 @@ class KoopmanDictionary(nn.Module):
         self.loss_history_.append(float(objective.detach()))
 
     def _batch_loss(self, X: Tensor, lengths: Tensor, loss: str, ridge: float, scaling: Scaling) -> Tensor | None:
-        psi = self.lift(X)
+        """Fit loss of the trajectories ``X`` (valid prefix of ``lengths`` rows each), ONE K pooled over all pairs."""
+        psi = _lift(self.weight, X)
         pairs = torch.arange(1, X.shape[1], device=X.device)[None, :] < lengths[:, None]
         psi_x, psi_y = psi[:, :-1][pairs].double(), psi[:, 1:][pairs].double()
         n = psi_x.shape[0]
@@ -217,13 +570,13 @@ class KoopmanDictionary(nn.Module):
         K = _solve_koopman(gram, cross, ridge)
         if loss == "residual":
             with torch.no_grad():
-                _, phi = torch.linalg.eig(K)
+                _, phi = torch.linalg.eig(_finite_operator(K.detach()[None])[0])
                 weight = (phi @ phi.mH).real
             residual = psi_y - psi_x @ K
             return ((residual @ weight) * residual).sum() / n
-        U, S, Vh = torch.linalg.svd(K)
-        V = Vh.mT.detach()
-        return torch.linalg.matrix_norm(psi_y @ V - (psi_x @ V) * S) / X.shape[0]
+        # The authors' formula (METHODS.md 3a): Vh as torch.linalg.svd returns it, gradient through the SVD.
+        _, S, Vh = torch.linalg.svd(K, full_matrices=False)
+        return torch.linalg.matrix_norm(psi_y @ Vh - (psi_x @ Vh) * S) / X.shape[0]
 
     # -- persistence -------------------------------------------------------------------------------------
 
@@ -232,11 +585,13 @@ class KoopmanDictionary(nn.Module):
         from latentx import __version__
 
         meta = dict(
-            format="latentx.KoopmanDictionary/1",
+            format="latentx.KoopmanDictionary/2",
             hidden_size=self.hidden_size,
             m=self.m,
             seed=self.seed,
+            settings=self.settings.as_dict(),
             init=self.init_scheme,
+            fitted=self.fitted_,
             steps=self.steps_,
             skipped_steps=self.skipped_steps_,
             n_trajectories=self.n_trajectories_,
@@ -249,25 +604,58 @@ class KoopmanDictionary(nn.Module):
         return {key: json.dumps(value) for key, value in meta.items()}
 
     def save(self, path: str | Path) -> None:
-        """Write W (float32) and :meth:`metadata` to a safetensors file."""
+        """Write W (float32) and :meth:`metadata` (every setting, the fit history) to a safetensors file."""
         from safetensors.torch import save_file
 
         save_file({"weight": self.weight.detach().float().cpu().contiguous()}, str(path), metadata=self.metadata())
 
+    def check_compatible(self, expect: "KoopmanDictionary | Mapping[str, Any]", source: str = "the dictionary") -> None:
+        """``ValueError`` naming the first field (``hidden_size``, ``m``, ``seed`` or a setting) that differs."""
+        wanted = expect.config() if isinstance(expect, KoopmanDictionary) else dict(expect)
+        mine = self.config()
+        unknown = sorted(set(wanted) - set(mine))
+        if unknown:
+            raise ValueError(f"unknown Koopman setting {unknown[0]!r}")
+        for name, value in wanted.items():
+            if name == "pad_to" and value is None:
+                value = 0
+            if name == "fit_window" and value == 0:
+                value = None
+            if mine[name] != value:
+                raise ValueError(f"{source} was saved with {name}={mine[name]!r} but this run has {name}={value!r}")
+
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "KoopmanDictionary":
-        """Rebuild a dictionary saved by :meth:`save` (weights, seed, fit history)."""
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        expect: "KoopmanDictionary | Mapping[str, Any] | None" = None,
+    ) -> "KoopmanDictionary":
+        """Rebuild a dictionary saved by :meth:`save` (weights, every setting, fit history).
+
+        ``expect``: the run's dictionary (or a mapping of ``hidden_size`` / ``m`` / ``seed`` / settings); a file
+        saved with any other value is a one-line ``ValueError`` naming the field.  Files of the first format
+        (before the settings were recorded) load with the fit settings they recorded and defaults otherwise.
+        """
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
             weight = handle.get_tensor("weight")
-        if json.loads(raw.get("format", "null")) != "latentx.KoopmanDictionary/1":
+        fmt = json.loads(raw.get("format", "null"))
+        if fmt not in ("latentx.KoopmanDictionary/1", "latentx.KoopmanDictionary/2"):
             raise ValueError(f"path {path} is not a latentx KoopmanDictionary file")
         meta = {key: json.loads(value) for key, value in raw.items()}
         if list(weight.shape) != [meta["m"], meta["hidden_size"]]:
             raise ValueError(f"path {path}: weight shape {list(weight.shape)} does not match its metadata")
-        dictionary = cls(meta["hidden_size"], meta["m"], meta["seed"])
+        if "settings" in meta:
+            settings = meta["settings"]
+        else:
+            old = meta.get("fit_params") or {}
+            names = dict(lr="fit_lr", batch_size="fit_batch_size", epochs="fit_epochs", loss="fit_loss",
+                         ridge="ridge", scaling="scaling")
+            settings = {new: old[key] for key, new in names.items() if key in old}
+        dictionary = cls(meta["hidden_size"], meta["m"], meta["seed"], **settings)
         with torch.no_grad():
             dictionary.weight.copy_(weight)
         dictionary.steps_ = meta["steps"]
@@ -275,27 +663,15 @@ class KoopmanDictionary(nn.Module):
         dictionary.n_trajectories_ = meta["n_trajectories"]
         dictionary.fit_params_ = meta["fit_params"]
         dictionary.loss_history_ = meta["loss_history"]
+        dictionary.fitted_ = bool(meta.get("fitted", True))
+        if expect is not None:
+            dictionary.check_compatible(expect, source=f"the Koopman dictionary {path}")
         return dictionary.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # EDMD
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_ridge_scaling(ridge: float, scaling: str) -> None:
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
-    if scaling not in ("mean", "unscaled"):
-        raise ValueError(f"scaling must be 'mean' or 'unscaled', got {scaling!r}")
-
-
-def _solve_koopman(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
-    """K = (G + ridge I)^{-1} A by a linear solve; ridge = 0 uses the pseudo-inverse (K = Psi_X^+ Psi_Y)."""
-    if ridge == 0:
-        return torch.linalg.pinv(gram, hermitian=True) @ cross
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + ridge * eye, cross)
 
 
 def _edmd_matrices(psi_x: Tensor, psi_y: Tensor, pairs: Tensor, scaling: Scaling) -> tuple[Tensor, Tensor, Tensor]:
@@ -316,7 +692,9 @@ def edmd(psi_x: Tensor, psi_y: Tensor, mask: Tensor, ridge: float = 1e-3, scalin
     Args:
         psi_x, psi_y: ``[B, N, m]`` lifted snapshots; row t of ``psi_y`` is the successor of row t of ``psi_x``.
         mask: ``[B, N]`` bool, True on the valid pairs (n = number of them per response).
-        ridge: lambda >= 0.  ``ridge=0`` gives K = G^+ A = Psi_X^+ Psi_Y (pseudo-inverse).
+        ridge: lambda >= 0.  ``ridge=0`` gives K = G^+ A = Psi_X^+ Psi_Y (pseudo-inverse; no eigenproblem
+            follows here, so the ridge floor does not apply to exactly 0); 0 < ridge < RIDGE_FLOOR is raised
+            to the floor with a warning.
         scaling: ``"mean"`` (default): K = (G/n + lambda I)^{-1} A/n.  ``"unscaled"``: lambda added to the raw
             Gram, K = (G + lambda I)^{-1} A (the authors' code).
 
@@ -324,7 +702,8 @@ def edmd(psi_x: Tensor, psi_y: Tensor, mask: Tensor, ridge: float = 1e-3, scalin
         ``K: [B, m, m]`` in the compute dtype of ``psi_x`` (solved in float64).  A response with no valid pair
         gets K = 0.
     """
-    _check_ridge_scaling(ridge, scaling)
+    ridge = _check_ridge(ridge, zero_ok=True)
+    _check_scaling(scaling)
     for name, value in (("psi_x", psi_x), ("psi_y", psi_y)):
         if not isinstance(value, Tensor) or value.ndim != 3 or not value.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor of shape [B, N, m]")
@@ -338,7 +717,7 @@ def edmd(psi_x: Tensor, psi_y: Tensor, mask: Tensor, ridge: float = 1e-3, scalin
         if bool(bad.any()):
             raise ValueError(f"{name} has non-finite values in response {first_bad_index(bad)}")
     gram, cross, _ = _edmd_matrices(psi_x, psi_y, pairs, scaling)
-    return _solve_koopman(gram, cross, ridge).to(compute_dtype(psi_x.dtype))
+    return _solve_koopman(gram, cross, ridge, pinv_at_zero=True).to(compute_dtype(psi_x.dtype))
 
 
 def _weight_of(dictionary: KoopmanDictionary, H: Tensor) -> KoopmanDictionary:
@@ -349,30 +728,79 @@ def _weight_of(dictionary: KoopmanDictionary, H: Tensor) -> KoopmanDictionary:
     return dictionary
 
 
+def _resolve_ridge_scaling(dictionary: KoopmanDictionary, ridge: float | None, scaling: str | None) -> tuple[float, str]:
+    ridge = dictionary.settings.ridge if ridge is None else _check_ridge(ridge)
+    scaling = dictionary.settings.scaling if scaling is None else scaling
+    _check_scaling(scaling)
+    return ridge, scaling  # type: ignore[return-value]
+
+
+def _resolve_spectrum(dictionary: KoopmanDictionary, spectrum: str | None, residual_threshold: Any) -> tuple[str, Any]:
+    spectrum = dictionary.settings.spectrum if spectrum is None else spectrum
+    if spectrum not in ("eig", "singular"):
+        raise ValueError(f"spectrum must be 'eig' or 'singular', got {spectrum!r}")
+    if residual_threshold is _USE_DICTIONARY:
+        residual_threshold = dictionary.settings.residual_threshold
+    if residual_threshold is not None:
+        if spectrum != "eig":
+            raise ValueError("residual_threshold needs spectrum='eig' (residuals are defined for eigenpairs)")
+        if not _finite_number(residual_threshold):
+            raise ValueError(f"residual_threshold must be a number or None, got {residual_threshold!r}")
+    return spectrum, residual_threshold
+
+
 def _koopman_parts(
-    H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, ridge: float, scaling: Scaling
+    H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, ridge: float | None, scaling: str | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Validated float64 (K, G, A, L, n_pairs) of every response.
 
-    With psi_t the lifted valid tokens (t < T) and F = sum_t psi_t psi_t^T, the snapshot Grams are
+    With psi_t the lifted trajectory (t < T) and F = sum_t psi_t psi_t^T, the snapshot Grams are
     G = F - psi_{T-1} psi_{T-1}^T and L = F - psi_0 psi_0^T, and A = sum_t psi_t psi_{t+1}^T: two batched
     products instead of three (the lift, T x d x m, dominates anyway).
+
+    Masked layout (``pad_to = 0``): the trajectory is the response's valid tokens, T = its length.
+    Authors' layout (``pad_to = P``): the valid tokens then zeros up to P positions, T = P for every response;
+    the rows past the longest response are all g(0) = 0.5 * 1 =: c, so they are added in closed form
+    (F and A gain one c c^T per such row) instead of being lifted.
     """
-    _check_ridge_scaling(ridge, scaling)
     H, mask = check_trajectories(H, mask)
     dictionary = _weight_of(dictionary, H)
-    X, lengths = pack_valid(H, mask)
+    ridge, scaling = _resolve_ridge_scaling(dictionary, ridge, scaling)
+    pad_to = dictionary.settings.pad_to
+    X, lengths = pack_valid(_to_compute(H), mask)
     B, T, _ = X.shape
-    psi = dictionary.lift(X).double()
-    valid = torch.arange(T, device=X.device)[None, :] < lengths[:, None]
-    psi = torch.where(valid[:, :, None], psi, torch.zeros((), dtype=psi.dtype, device=psi.device))
-    full = psi.mT @ psi
-    cross = psi[:, :-1].mT @ psi[:, 1:]  # pairs past the end meet a zero row
-    first = psi[:, 0] if T else psi.new_zeros(B, psi.shape[2])
-    last = torch.gather(psi, 1, (lengths - 1).clamp_min(0)[:, None, None].expand(B, 1, psi.shape[2]))[:, 0] if T else first
+    m = dictionary.m
+    if pad_to:
+        if B and int(lengths.max()) > pad_to:
+            b = first_bad_index(lengths > pad_to)
+            raise ValueError(f"pad_to={pad_to} is smaller than response {b} ({int(lengths[b])} valid tokens)")
+        if T < pad_to:  # one zero row: every response's trajectory continues with the padding state c
+            X = torch.nn.functional.pad(X, (0, 0, 0, 1))
+        psi = _lift(dictionary.weight, X).double()
+        full = psi.mT @ psi
+        cross = psi[:, :-1].mT @ psi[:, 1:]
+        tail = pad_to - X.shape[1]
+        c = torch.full((m,), 0.5, dtype=torch.float64, device=X.device)
+        if tail > 0:
+            cc = torch.outer(c, c)
+            full, cross = full + tail * cc, cross + tail * cc
+            last = c.expand(B, m)
+        else:
+            last = psi[:, -1]
+        first = psi[:, 0]
+        n_pairs = torch.full_like(lengths, pad_to - 1)
+    else:
+        psi = _lift(dictionary.weight, X).double()
+        valid = torch.arange(T, device=X.device)[None, :] < lengths[:, None]
+        psi = torch.where(valid[:, :, None], psi, torch.zeros((), dtype=psi.dtype, device=psi.device))
+        full = psi.mT @ psi
+        cross = psi[:, :-1].mT @ psi[:, 1:]  # pairs past the end meet a zero row
+        first = psi[:, 0] if T else psi.new_zeros(B, psi.shape[2])
+        index = (lengths - 1).clamp_min(0)[:, None, None].expand(B, 1, psi.shape[2])
+        last = torch.gather(psi, 1, index)[:, 0] if T else first
+        n_pairs = (lengths - 1).clamp_min(0)
     gram = full - last[:, :, None] * last[:, None, :]
     gram_y = full - first[:, :, None] * first[:, None, :]
-    n_pairs = (lengths - 1).clamp_min(0)
     if scaling == "mean":
         n = n_pairs.clamp_min(1).to(torch.float64)[:, None, None]
         gram, cross, gram_y = gram / n, cross / n, gram_y / n
@@ -380,13 +808,14 @@ def _koopman_parts(
 
 
 def koopman_operator(
-    H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, ridge: float = 1e-3, scaling: Scaling = "mean"
+    H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, ridge: float | None = None, scaling: Scaling | None = None
 ) -> Tensor:
     """EDMD Koopman matrix K ``[B, m, m]`` of every response's lifted trajectory (METHODS.md section 2).
 
-    Psi_X = g(H[0:T-1]), Psi_Y = g(H[1:T]) over each response's valid tokens (in order); see :func:`edmd`
-    for ``ridge`` and ``scaling``.  Responses with fewer than 2 valid tokens get K = 0.  Differentiable
-    w.r.t. ``H`` and the dictionary weight; returned in the compute dtype of ``H``.
+    Psi_X = g(H[0:T-1]), Psi_Y = g(H[1:T]) over each response's valid tokens in order (or the authors'
+    zero-padded layout, setting ``pad_to``); ``ridge`` / ``scaling`` default to the dictionary's settings
+    (see :func:`edmd`).  Responses with fewer than 2 valid tokens get K = 0.  Differentiable w.r.t. ``H`` and
+    the dictionary weight; returned in the compute dtype of ``H``.
     """
     K, *_ = _koopman_parts(H, mask, dictionary, ridge, scaling)
     return K.to(compute_dtype(H.dtype))
@@ -414,18 +843,18 @@ def _residuals(K_eigvals: Tensor, V: Tensor, gram: Tensor, cross: Tensor, gram_y
 
 
 def koopman_spectrum(
-    H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, ridge: float = 1e-3, scaling: Scaling = "mean"
+    H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, ridge: float | None = None, scaling: Scaling | None = None
 ) -> KoopmanSpectrum:
     """Eigenvalues of K and their Residual-DMD residuals (METHODS.md section 2), detached.
 
     Returns ``KoopmanSpectrum(eigvals: complex [B, m], residuals: [B, m])``; eigenvalues sorted by decreasing
     modulus (ties keep LAPACK's order).  complex64 / float32 (complex128 / float64 for float64 input).
     Residuals are +inf for modes the data do not see (see :func:`_residuals`); responses with < 2 valid
-    tokens have K = 0, so eigenvalues 0 and residuals +inf.
+    tokens have K = 0, so eigenvalues 0 and residuals +inf.  ``ridge`` / ``scaling``: the dictionary's unless given.
     """
     with torch.no_grad():
         K, gram, cross, gram_y, _ = _koopman_parts(H, mask, dictionary, ridge, scaling)
-        eigvals, V = torch.linalg.eig(K)
+        eigvals, V = torch.linalg.eig(_finite_operator(K))
         order = torch.argsort(eigvals.abs(), dim=-1, descending=True, stable=True)
         eigvals = torch.gather(eigvals, -1, order)
         V = torch.gather(V, -1, order[:, None, :].expand_as(V))
@@ -486,33 +915,32 @@ def dsd_with_info(
     H: Tensor,
     mask: Tensor,
     dictionary: KoopmanDictionary,
-    spectrum: Literal["eig", "singular"] = "eig",
-    residual_threshold: float | None = None,
-    ridge: float = 1e-3,
-    scaling: Scaling = "mean",
+    spectrum: Literal["eig", "singular"] | None = None,
+    residual_threshold: float | None = _USE_DICTIONARY,
+    ridge: float | None = None,
+    scaling: Scaling | None = None,
 ) -> DSDInfo:
     """Dynamic Spectral Dispersion plus the number of modes kept and the moduli (METHODS.md section 2).
 
+    Every argument left out takes the dictionary's setting (:class:`KoopmanSettings`; ``pad_to`` always does).
+
     Args:
-        spectrum: ``"eig"`` (paper, default): r_j = |lambda_j(K)|.  ``"singular"`` (authors' code):
+        spectrum: ``"eig"`` (paper): r_j = |lambda_j(K)|.  ``"singular"`` (authors' code):
             r_j = sqrt(S_j^2 + 1e-3) with S the singular values of K.
-        residual_threshold: ``None`` (default, neither paper nor code filters): DSD is the unbiased variance of
-            all m moduli.  A number tau: only eigenpairs with Residual-DMD residual <= tau are kept and DSD is
-            the unbiased variance of their moduli (0 if fewer than 2 kept).  Only for ``spectrum="eig"``.
+        residual_threshold: ``None`` (neither paper nor code filters): DSD is the unbiased variance of all m
+            moduli.  A number tau: only eigenpairs with Residual-DMD residual <= tau are kept and DSD is the
+            unbiased variance of their moduli (0 if fewer than 2 kept).  Only for ``spectrum="eig"``.
 
     Edge cases: a response with fewer than 3 valid tokens (fewer than 2 snapshot pairs) has DSD = 0, kept = 0,
     moduli = 0 and zero gradient.  Fewer than 2 modes (m = 1, or < 2 kept by the filter) give DSD = 0.  Constant trajectories give a rank-one K (DSD ~ 1/m, finite gradient).
     Differentiable w.r.t. ``H`` (and the dictionary weight) with a finite gradient everywhere; see the module
-    docstring for how repeated / defective eigenvalues are handled.
+    docstring for how repeated / defective eigenvalues, huge inputs and low-precision gradients are handled.
     """
-    if spectrum not in ("eig", "singular"):
-        raise ValueError(f"spectrum must be 'eig' or 'singular', got {spectrum!r}")
-    if residual_threshold is not None:
-        if spectrum != "eig":
-            raise ValueError("residual_threshold needs spectrum='eig' (residuals are defined for eigenpairs)")
-        if isinstance(residual_threshold, bool) or not isinstance(residual_threshold, (int, float)):
-            raise ValueError(f"residual_threshold must be a number or None, got {residual_threshold!r}")
+    H, mask = check_trajectories(H, mask)
+    _weight_of(dictionary, H)
+    spectrum, residual_threshold = _resolve_spectrum(dictionary, spectrum, residual_threshold)
     K, gram, cross, gram_y, n_pairs = _koopman_parts(H, mask, dictionary, ridge, scaling)
+    K = _finite_operator(K)
     m = K.shape[-1]
     enough = n_pairs >= 2
     # Degenerate responses get a fixed matrix with distinct eigenvalues, then a zero result through `where`.
@@ -540,12 +968,12 @@ def dsd(
     H: Tensor,
     mask: Tensor,
     dictionary: KoopmanDictionary,
-    spectrum: Literal["eig", "singular"] = "eig",
-    residual_threshold: float | None = None,
-    ridge: float = 1e-3,
-    scaling: Scaling = "mean",
+    spectrum: Literal["eig", "singular"] | None = None,
+    residual_threshold: float | None = _USE_DICTIONARY,
+    ridge: float | None = None,
+    scaling: Scaling | None = None,
 ) -> Tensor:
-    """DSD(H) = unbiased Var_j |lambda_j(K)| per response, ``Tensor[B]`` (METHODS.md section 2).
+    """DSD(H) = unbiased Var_j r_j per response, ``Tensor[B]`` (METHODS.md section 2); ``dictionary.dsd(H, mask)``.
 
     Same arguments and edge cases as :func:`dsd_with_info` (which also reports how many modes were kept).
     """
@@ -556,31 +984,43 @@ def dsd_reference(
     H: Tensor,
     mask: Tensor,
     dictionary: KoopmanDictionary,
-    spectrum: Literal["eig", "singular"] = "eig",
-    ridge: float = 1e-3,
-    scaling: Scaling = "mean",
+    spectrum: Literal["eig", "singular"] | None = None,
+    ridge: float | None = None,
+    scaling: Scaling | None = None,
 ) -> Tensor:
     """Straightforward DSD (tests and benchmark): loop over responses, explicit inverse, ``torch.var``.
 
-    No residual filtering, no gradient guards.  Responses with < 3 valid tokens give 0, like :func:`dsd`.
+    No residual filtering, no gradient guards; arguments left out take the dictionary's settings, ``pad_to``
+    included (the response explicitly zero-padded to ``pad_to`` rows).  Responses with < 2 snapshot pairs
+    give 0, like :func:`dsd`.  The ridge floor applies as in :func:`dsd`.
     """
     H, mask = check_trajectories(H, mask)
+    _weight_of(dictionary, H)
+    spectrum, _ = _resolve_spectrum(dictionary, spectrum, None)
+    ridge, scaling = _resolve_ridge_scaling(dictionary, ridge, scaling)
+    pad_to = dictionary.settings.pad_to
     dtype = compute_dtype(H.dtype)
     out = torch.zeros(H.shape[0], dtype=dtype, device=H.device)
     with torch.no_grad():
-        weight = dictionary.weight.detach().to(device=H.device, dtype=dtype)
+        weight = dictionary.weight.detach()
         for b in range(H.shape[0]):
             rows = H[b][mask[b]].to(dtype)
+            if pad_to:
+                if rows.shape[0] > pad_to:
+                    raise ValueError(f"pad_to={pad_to} is smaller than response {b} ({rows.shape[0]} valid tokens)")
+                rows = torch.cat([rows, rows.new_zeros(pad_to - rows.shape[0], rows.shape[1])])
             if rows.shape[0] < 3:
                 continue
-            psi = torch.sigmoid(rows @ weight.T).double()
+            psi = _lift(weight, rows).double()
             psi_x, psi_y = psi[:-1], psi[1:]
             n = psi_x.shape[0] if scaling == "mean" else 1
-            gram = psi_x.T @ psi_x / n + ridge * torch.eye(psi.shape[1], dtype=torch.float64, device=H.device)
+            gram = psi_x.T @ psi_x / n
+            r = max(ridge, RIDGE_FLOOR * max(1.0, float(torch.diagonal(gram).max())))
+            gram = gram + r * torch.eye(psi.shape[1], dtype=torch.float64, device=H.device)
             K = torch.linalg.inv(gram) @ (psi_x.T @ psi_y / n)
             if spectrum == "eig":
-                r = torch.linalg.eigvals(K).abs()
+                moduli = torch.linalg.eigvals(K).abs()
             else:
-                r = torch.sqrt(torch.linalg.svdvals(K) ** 2 + _SINGULAR_EPS)
-            out[b] = torch.var(r) if r.numel() >= 2 else 0.0  # a single mode (m = 1) has no spread
+                moduli = torch.sqrt(torch.linalg.svdvals(K) ** 2 + _SINGULAR_EPS)
+            out[b] = torch.var(moduli) if moduli.numel() >= 2 else 0.0  # a single mode (m = 1) has no spread
     return out

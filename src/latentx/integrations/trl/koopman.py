@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-from latentx.dynamics import KoopmanDictionary, dsd
+from latentx.dynamics import KoopmanDictionary
 from latentx.objectives import RelaxConfig
 
 __all__ = ["KoopmanOps"]
@@ -26,7 +26,7 @@ class KoopmanOps:
 
     def __init__(self, cfg: RelaxConfig, hidden_size: int) -> None:
         self.cfg = cfg
-        self.dictionary = KoopmanDictionary(hidden_size, m=cfg.m, seed=cfg.fit_seed)
+        self.dictionary = KoopmanDictionary.from_config(cfg, hidden_size)
         self.dictionary.weight.requires_grad_(False)
         self.fitted = False
         self.fitted_at_step: int | None = None
@@ -43,10 +43,7 @@ class KoopmanOps:
         cfg = self.cfg
         self.dictionary.weight.requires_grad_(True)
         try:
-            self.dictionary.fit(
-                H, mask, lr=cfg.fit_lr, batch_size=cfg.fit_batch_size, loss=cfg.fit_loss,
-                ridge=cfg.ridge, scaling=cfg.scaling,
-            )
+            self.dictionary.fit(H, mask)
         finally:
             self.dictionary.weight.requires_grad_(False)
             self.dictionary.weight.grad = None
@@ -75,11 +72,7 @@ class KoopmanOps:
             raise RuntimeError("the Koopman dictionary is used before it was fitted")
         if self.dictionary.weight.device != H.device:
             self.dictionary.to(H.device)
-        cfg = self.cfg
-        return dsd(
-            H, mask, self.dictionary, spectrum=cfg.spectrum, residual_threshold=cfg.residual_threshold,
-            ridge=cfg.ridge, scaling=cfg.scaling,
-        )
+        return self.dictionary.dsd(H, mask)
 
     def save(self, path: str) -> None:
         self.dictionary.save(path)
@@ -88,7 +81,7 @@ class KoopmanOps:
         """Reload a saved dictionary (on resume: no refit on the first rollout)."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist: the checkpoint has no fitted Koopman dictionary")
-        loaded = KoopmanDictionary.load(path, device=self.dictionary.weight.device)
+        loaded = KoopmanDictionary.load(path, device=self.dictionary.weight.device, expect=self.dictionary)
         if (loaded.hidden_size, loaded.m) != (self.dictionary.hidden_size, self.dictionary.m):
             raise ValueError(
                 f"{path}: dictionary of shape m={loaded.m}, hidden_size={loaded.hidden_size} does not match "

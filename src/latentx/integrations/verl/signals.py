@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from latentx.integrations.backbone import find_backbone, last_hidden_state
 
-from latentx.dynamics import KoopmanDictionary, dsd, rank_dynamics
+from latentx.dynamics import KoopmanDictionary, rank_dynamics
 from latentx.objectives import RelaxConfig, VerlConfig
 
 __all__ = [
@@ -147,15 +147,7 @@ def rank_signals(H: Tensor, mask: Tensor, cfg: VerlConfig) -> dict[str, Tensor]:
 
 def relax_dsd(H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, cfg: RelaxConfig) -> Tensor:
     """DSD of each response (METHODS.md §2) via :func:`latentx.dynamics.dsd`; keeps the gradient of ``H``."""
-    return dsd(
-        H,
-        mask,
-        dictionary,
-        spectrum=cfg.spectrum,
-        residual_threshold=cfg.residual_threshold,
-        ridge=cfg.ridge,
-        scaling=cfg.scaling,
-    )
+    return dictionary.dsd(H, mask)  # the dictionary was built from ``cfg`` (KoopmanDictionary.from_config)
 
 
 def per_response_nested(values: Tensor) -> Tensor:

@@ -81,20 +81,12 @@ class DictionaryState:
     def fit_sample(self, hidden_size: int) -> KoopmanDictionary:
         """Fit W on the kept trajectories (METHODS.md §2 "Learning W"); rank 0."""
         cfg = self.settings.relax
-        dictionary = KoopmanDictionary(hidden_size, cfg.m, cfg.fit_seed)
+        dictionary = KoopmanDictionary.from_config(cfg, hidden_size)
         if not self._sample_H:
             raise RuntimeError("latentx relax: rank 0 saw no response trajectory to fit the Koopman dictionary")
         H, mask = self._padded_sample()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else H.device
-        dictionary.fit(
-            H.to(device),
-            mask.to(device),
-            lr=cfg.fit_lr,
-            batch_size=cfg.fit_batch_size,
-            loss=cfg.fit_loss,
-            ridge=cfg.ridge,
-            scaling=cfg.scaling,
-        )
+        dictionary.fit(H.to(device), mask.to(device))
         self._sample_H, self._sample_mask, self._kept = [], [], 0
         return dictionary
 
@@ -122,18 +114,14 @@ class DictionaryState:
             return False
         weight = torch.zeros(self.settings.relax.m, hidden_size, dtype=torch.float32, device=device)
         if _rank() == 0:
-            loaded = KoopmanDictionary.load(path)
-            if (loaded.m, loaded.hidden_size) != (self.settings.relax.m, hidden_size):
-                raise ValueError(
-                    f"latentx.relax.dictionary_path {path} holds m={loaded.m}, hidden_size={loaded.hidden_size}; "
-                    f"this run needs m={self.settings.relax.m}, hidden_size={hidden_size}"
-                )
+            expect = dict(KoopmanDictionary.config_from(self.settings.relax), hidden_size=hidden_size)
+            loaded = KoopmanDictionary.load(path, expect=expect)
             weight = loaded.weight.detach().to(device=device, dtype=torch.float32)
         self._install(_broadcast(weight))
         return True
 
     def _install(self, weight: Tensor) -> None:
-        dictionary = KoopmanDictionary(int(weight.shape[1]), int(weight.shape[0]), self.settings.relax.fit_seed)
+        dictionary = KoopmanDictionary.from_config(self.settings.relax, int(weight.shape[1]))
         with torch.no_grad():
             dictionary.weight.copy_(weight.float().cpu())
         dictionary.requires_grad_(False)  # frozen after the fit: gradient flows into H only
