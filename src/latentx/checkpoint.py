@@ -49,9 +49,10 @@ LATEST = "LATEST"
 METRICS = "metrics.jsonl"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
-#: settings a run directory may be continued with a different value of: the run's location (a moved
-#: directory), the number of steps (extend or cut a run) and the device it runs on.
-RESUMABLE_CHANGES = ("out", "steps", "model.device")
+#: settings (or whole sections) a run directory may be continued with a different value of: the run's
+#: location (a moved directory), the number of steps (extend or cut a run), the device it runs on and
+#: where it reports to (``logging``); none of them changes what is trained.
+RESUMABLE_CHANGES = ("out", "steps", "model.device", "logging")
 
 
 class MetricsWarning(UserWarning):
@@ -259,10 +260,14 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], allowed=RESUMAB
     """``(dotted key, old value, new value)`` for every setting present in both that differs."""
     flat_old, flat_new = _flatten(old), _flatten(new)
     skip = tuple(allowed)
+
+    def allowed_key(key: str) -> bool:
+        return any(key == entry or key.startswith(entry + ".") for entry in skip)
+
     return [
         (key, flat_old[key], flat_new[key])
         for key in flat_new
-        if key in flat_old and key not in skip and not _same(flat_old[key], flat_new[key])
+        if key in flat_old and not allowed_key(key) and not _same(flat_old[key], flat_new[key])
     ]
 
 
