@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_overhead.py [--steps 12] [--warmup 2]
 
-The GRPO baseline computes no latent signal at all (``signals.track=false``); ReLaX and VERL compute
+The GRPO baseline computes no latent signal at all (``signals.monitor=false``); ReLaX and VERL compute
 only what their objective needs.  All three start from the same warm-started tiny model and draw the
 same prompts; the first ``--warmup`` steps (which include ReLaX's one-off dictionary fit) are timed
 separately.  Target (issue "latentx train"): signals and objectives add at most 10 % over GRPO on CPU.
@@ -24,7 +24,7 @@ def time_objective(objective: str, steps: int, warmup: int, root: str, extra: li
     cfg = apply_overrides(
         TrainConfig(),
         [f"objective={objective}", f"steps={steps + warmup}", f"out={root}/{objective}", "eval.enabled=false",
-         "signals.track=false", f"checkpoint_every={10**6}", *extra],
+         "signals.monitor=false", f"checkpoint_every={10**6}", *extra],
     )
     trainer = Trainer(resolve_config(cfg), progress=False, log=lambda *a: None)
     rows = [trainer.train_step() for _ in range(steps + warmup)]

@@ -33,6 +33,7 @@ from latentx import dynamics
 from latentx import checkpoint as run_files
 from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from latentx.config import atomic_write_text, save_yaml, to_dict
+from latentx.monitor import monitor_metrics
 from latentx.objectives import REGISTRY, Objective
 from latentx.objectives.base import GRPOConfig, PolicyBatch, per_response_mean
 from latentx.objectives.clip_cov import ClipCovConfig
@@ -43,6 +44,7 @@ from latentx.objectives.verl import VerlConfig
 from latentx.reporting import LoggingConfig
 from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
 from latentx.tasks import TaskConfig
+from latentx.vision import save_tokenizer, task_images
 from latentx.warmstart import WarmStartConfig
 
 #: The objective names the trainer runs: the registry itself (iterating gives the names, in order).
@@ -96,12 +98,20 @@ class SignalConfig:
     tokens.  When on, VERL's stride and ReLaX's m are scaled to ``rollout.max_new_tokens`` L as
     ``stride = clamp(L // 8, 2, 40)`` and ``m = clamp(L // 3, 4, 50)`` (both equal the papers'
     values from L = 320 / 150 tokens on); the resolved values are written to ``config.yaml``.
-    ``track``: compute ER / ERV / ERA and DSD on every step's rollouts for monitoring, even when the
-    objective does not use them (off in the overhead benchmark's GRPO baseline).
+    ``monitor``: the latent monitor (:mod:`latentx.monitor`; the TRL adapter's ``latent_monitor``, verl's
+    ``latentx.monitor``): compute ER / ERV / ERA and DSD on every step's rollouts even when the objective
+    does not use them, and log their mean, std, quantiles and correlation with reward beside the token
+    entropy's (off in the overhead benchmark's GRPO baseline).  ``track`` is its old name, still read from
+    configs written before (a set value is copied into ``monitor``).
     """
 
     auto_scale: bool = True
-    track: bool = True
+    monitor: bool = True
+    track: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.track is not None:
+            self.monitor, self.track = bool(self.track), None
 
 
 @dataclass
@@ -256,7 +266,7 @@ class Trainer:
             else:
                 self.reference = copy.deepcopy(self.model)
                 self.reference.save_pretrained(ref_dir)
-                self.tokenizer.save_pretrained(ref_dir)
+                save_tokenizer(self.tokenizer, ref_dir)  # a VLM's processor too
             self.reference.eval().requires_grad_(False)
 
         self.optimizer = torch.optim.AdamW(
@@ -282,11 +292,11 @@ class Trainer:
 
     @property
     def needs_dsd(self) -> bool:
-        return "dsd_grad" in self.objective.needs or self.cfg.signals.track
+        return "dsd_grad" in self.objective.needs or self.cfg.signals.monitor
 
     @property
     def needs_rank(self) -> bool:
-        return "rank" in self.objective.needs or self.cfg.signals.track
+        return "rank" in self.objective.needs or self.cfg.signals.monitor
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -363,7 +373,7 @@ class Trainer:
         seqs = sample_responses(
             self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            generation_batch_size=cfg.rollout.generation_batch_size,
+            generation_batch_size=cfg.rollout.generation_batch_size, images=task_images(self.task, instances),
         ).to(dev)
         r = cfg.rollout.samples_per_prompt
         rewards = torch.tensor(
@@ -419,7 +429,7 @@ class Trainer:
     def advantages(self, ro: "Rollout") -> tuple[torch.Tensor, dict[str, float]]:
         """GRPO advantages (METHODS.md §0), then the objective's advantage hook (VERL's shaping, §3)."""
         adv = self.objective.advantages(ro.rewards, ro.group)
-        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards)
+        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards, ro.group)
         return adv, {k: float(v) for k, v in info.items()}
 
     def update(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
@@ -481,6 +491,9 @@ class Trainer:
         row["length_mean"], row["length_std"] = _mean_std(lengths)
         for key, value in ro.signals.items():
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(value)
+        # The monitor's quantiles and reward correlations (latentx.monitor: the names TRL / verl log under latent/).
+        monitored = monitor_metrics({"entropy": ro.entropy, **ro.signals}, ro.rewards)
+        row.update({key: value for key, value in monitored.items() if key not in row})
         row["adv_mean"], row["adv_std"] = _mean_std(adv_resp)
         row["adv_abs_mean"] = adv_resp.abs().mean().item()
         row.update({k: float(v) for k, v in terms.items()})
@@ -506,6 +519,9 @@ class Trainer:
         start_step = self.step
         if self.checkpoint is not None:
             self.log(f"resuming at step {start_step} from {self.checkpoint}")
+        announce = getattr(self.objective.state, "announce", None)  # an objective's one-line notice (VERL presets)
+        if callable(announce):
+            announce(log=self.log)
         reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
                             eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
         with reporter:

@@ -86,6 +86,10 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
         relax_*: :class:`latentx.objectives.RelaxConfig` fields (``relax_alpha``, ``relax_beta``, ``relax_xi``, ...).
         verl_*: :class:`latentx.objectives.VerlConfig` fields (``verl_ema_rate``, ``verl_stride``, ...).
         kl_cov_*: :class:`latentx.objectives.KLCovConfig` fields (``kl_cov_k_ratio``, ``kl_cov_coef``, ...).
+        latent_monitor: log the latent monitor's ``latent/`` statistics (:mod:`latentx.integrations.trl.monitor`);
+            its ER uses ``verl_stride`` / ``verl_window``, its DSD the ``relax_*`` dictionary settings.
+        latent_monitor_every, latent_monitor_fraction: how often, and on which share of the batch, the monitor
+            runs its own no-grad forward when TRL runs none.
 
     Everything else is TRL's ``GRPOConfig``.  With ``latent_objective="entropy_bonus"`` and neither
     ``entropy_coef`` nor ``use_adaptive_entropy`` set, ``entropy_coef`` defaults to latentx's c_H = 0.001.
@@ -100,7 +104,33 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
         },
     )
 
+    latent_monitor: bool = field(
+        default=False,
+        metadata={
+            "help": "log ER / ERV / ERA, DSD and token entropy of the rollouts (mean, std, quantiles, correlation "
+            "with reward) under latent/, for any latent_objective; the loss is untouched (`latentx train` option "
+            "signals.monitor, verl latentx.monitor).  See docs/trl.md."
+        },
+    )
+    latent_monitor_every: int = field(
+        default=10,
+        metadata={
+            "help": "when TRL runs no no-grad policy forward of its own, the monitor runs one extra no-grad forward "
+            "every this many optimizer steps (1 = every step)."
+        },
+    )
+    latent_monitor_fraction: float = field(
+        default=1.0,
+        metadata={"help": "fraction of the local batch the monitor's extra forward runs on, in (0, 1]."},
+    )
+
     def __post_init__(self) -> None:
+        every = self.latent_monitor_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"latent_monitor_every must be an integer >= 1, got {every!r}")
+        fraction = self.latent_monitor_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"latent_monitor_fraction must be a number in (0, 1], got {fraction!r}")
         if self.latent_objective not in LATENT_OBJECTIVES:
             raise ValueError(
                 f"latent_objective must be one of {', '.join(map(repr, LATENT_OBJECTIVES))}, got {self.latent_objective!r}"
@@ -109,8 +139,20 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
             self.entropy_coef = EntropyBonusConfig().coef
         super().__post_init__()
         self.method_config()  # validates the method options, naming the offending field
+        if self.latent_monitor:  # the monitor reads the ER and DSD settings whatever the objective
+            self.section_config("verl")
+            self.section_config("relax")
         if self.latent_objective == "kl_cov":
             self._check_kl_cov_compatible()
+
+    def section_config(self, section: str) -> Union[RelaxConfig, VerlConfig, KLCovConfig]:
+        """The latentx config of one flattened section (``"relax"``, ``"verl"``, ``"kl_cov"``), whatever the
+        objective (the monitor reads the ``verl_*`` and ``relax_*`` signal settings)."""
+        cls = FLATTENED_SECTIONS[section]
+        try:
+            return cls(**{f.name: getattr(self, f"{section}_{f.name}") for f in dataclasses.fields(cls)})
+        except ValueError as err:
+            raise ValueError(_rename_fields(str(err))) from None
 
     def method_config(self) -> Union[RelaxConfig, VerlConfig, KLCovConfig, EntropyBonusConfig, None]:
         """The latentx method config of ``latent_objective`` built from this config's fields (None for grpo).

@@ -35,12 +35,14 @@ from latentx.integrations.trl.config import LatentGRPOConfig
 from latentx.integrations.trl.latent import (
     group_ids,
     kl_cov_token_sum_correction,
+    local_rows,
     relax_group_shares,
     relax_microbatch_terms,
     relax_rollout_plan,
     verl_rollout_step,
 )
 from latentx.integrations.trl.koopman import KoopmanOps
+from latentx.integrations.trl.monitor import MonitorBatch, RolloutMonitor
 from latentx.objectives import (
     KLCovConfig,
     RelaxConfig,
@@ -51,12 +53,14 @@ from latentx.objectives import (
     verl_token_advantages,
 )
 from latentx.objectives.base import valid_only
+from latentx.objectives.verl import log_notice
 
 __all__ = ["LatentGRPOTrainer", "LATENT_STATE_FILE"]
 
 #: Written into every checkpoint folder (VERL baselines, objective name); the Koopman dictionary sits beside it.
 LATENT_STATE_FILE = "latentx_state.json"
 _KOOPMAN_FILE = "latentx_koopman"
+_MONITOR_KOOPMAN_FILE = "latentx_monitor_koopman"
 
 @dataclass
 class _Capture:
@@ -69,6 +73,10 @@ class _Capture:
     logps: Tensor | None = None
     fired: bool = False
     reduce_seconds: float = 0.0
+    # The latent monitor (no grad): its per-chunk reduction, and the call's per-token entropies.
+    monitor: Any = None  # callable(H [b, C, d], mask [b, C]) -> None
+    monitor_seconds: float = 0.0
+    entropies: Tensor | None = None
 
     def on_chunk(self, states: Tensor, mask: Tensor) -> None:
         if self.keep_states:
@@ -80,6 +88,11 @@ class _Capture:
             with torch.autocast(device_type=states.device.type, enabled=False):
                 self.reduce(states, mask)
             self.reduce_seconds += time.perf_counter() - start
+        if self.monitor is not None:
+            start = time.perf_counter()
+            with torch.autocast(device_type=states.device.type, enabled=False):
+                self.monitor(states, mask)
+            self.monitor_seconds += time.perf_counter() - start
 
 
 class LatentGRPOTrainer(GRPOTrainer):
@@ -113,13 +126,24 @@ class LatentGRPOTrainer(GRPOTrainer):
             args.beta = user_beta
         if self.latent_objective in ("relax", "verl") and self._is_vlm:
             raise ValueError(f"latent_objective={self.latent_objective!r} supports text-only causal LMs in the TRL adapter")
+        if args.latent_monitor and self._is_vlm:
+            raise ValueError("latent_monitor supports text-only causal LMs in the TRL adapter")
         self._capture: _Capture | None = None
         self._gathered_rewards: Tensor | None = None
         self.verl_baselines = VerlBaselines()
+        self._verl_announced = False
         self.koopman: KoopmanOps | None = None
         if isinstance(self.latent_config, RelaxConfig):
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
             self.koopman = KoopmanOps(self.latent_config, hidden_size)
+        self.latent_monitor: RolloutMonitor | None = None
+        if args.latent_monitor:
+            hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
+            self.latent_monitor = RolloutMonitor(
+                args.section_config("verl"), args.section_config("relax"), hidden_size,
+                every=args.latent_monitor_every, fraction=args.latent_monitor_fraction, seed=args.seed,
+                koopman=self.koopman,
+            )
 
     # ------------------------------------------------------------------------------------------
     # hidden-state capture
@@ -133,11 +157,21 @@ class LatentGRPOTrainer(GRPOTrainer):
             )
         capture.fired = True  # exactly one call: the policy forward (TRL's reference forward comes after it)
         backbone = find_backbone(self.accelerator.unwrap_model(model))
+        asked_entropy = bool(args[1] if len(args) > 1 else kwargs.get("compute_entropy", False))
+        if capture.monitor is not None and not asked_entropy:  # the monitor reads the same forward's entropies
+            if len(args) > 1:
+                args = (args[0], True, *args[2:])
+            else:
+                kwargs["compute_entropy"] = True
         with capture_completion_states(backbone, logits_to_keep, capture.on_chunk):
             result = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
         capture.logps = result[0]
+        if capture.monitor is not None:
+            capture.entropies = result[1]
+            if not asked_entropy:
+                result = (result[0], None, *result[2:])
         return result
 
     @contextmanager
@@ -155,10 +189,14 @@ class LatentGRPOTrainer(GRPOTrainer):
             self.use_vllm and self.vllm_importance_sampling_correction
         )
 
-    def _policy_rollout_forward(self, output: dict[str, Any]) -> None:
-        """The extra no-grad policy forward, when TRL ran none (same call, chunking and autocast as TRL's)."""
+    def _policy_rollout_forward(self, output: dict[str, Any], rows: Tensor | None = None) -> None:
+        """The extra no-grad policy forward, when TRL ran none (same call, chunking and autocast as TRL's),
+        on every local row or on ``rows`` only (the monitor's sample)."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        if rows is not None:
+            rows = rows.to(input_ids.device)
+            input_ids, attention_mask = input_ids[rows], attention_mask[rows]
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             self._get_per_token_logps_and_entropies(
                 self.model,
@@ -183,11 +221,14 @@ class LatentGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         if mode != "train" or self.latent_objective not in ("relax", "verl"):
+            if mode == "train" and self.latent_monitor is not None:
+                return self._generate_and_score_monitored(inputs)
             return super()._generate_and_score_completions(inputs)
 
         chunks: dict[str, list[Tensor]] = {"er": [], "erv": [], "era": [], "dsd": [], "H": [], "mask": []}
         fit_now = self.koopman is not None and self.koopman.needs_fit(self.state.global_step)
         capture = _Capture(keep_states=False, reduce=lambda H, mask: self._reduce_rollout_chunk(H, mask, chunks, fit_now))
+        monitored = self._monitor_capture(capture, rows=None)
         trl_forward = self._trl_runs_old_logp_forward()
         if trl_forward:
             with self._armed(capture):
@@ -203,7 +244,7 @@ class LatentGRPOTrainer(GRPOTrainer):
             with self._armed(capture):
                 self._policy_rollout_forward(output)
             self._metrics[mode]["latent/time/extra_forward_s"].append(
-                time.perf_counter() - start - capture.reduce_seconds
+                time.perf_counter() - start - capture.reduce_seconds - capture.monitor_seconds
             )
         self._metrics[mode]["latent/extra_forward"].append(0.0 if trl_forward else 1.0)
         start = time.perf_counter()
@@ -223,7 +264,68 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["latent/time/rollout_signals_s"].append(
             capture.reduce_seconds + time.perf_counter() - start
         )
+        if monitored is not None:
+            self._monitor_finish(monitored, capture, output, mode)
         return output
+
+    # ------------------------------------------------------------------------------------------
+    # the latent monitor (latent_monitor=True): statistics only, the objective is untouched
+    # ------------------------------------------------------------------------------------------
+
+    def _monitor_capture(self, capture: _Capture, rows: Tensor | None) -> MonitorBatch | None:
+        """Let ``capture`` also feed the monitor (and keep its forward's entropies); None when it is off."""
+        if self.latent_monitor is None:
+            return None
+        batch = self.latent_monitor.begin(rows)
+        capture.monitor = lambda H, mask: self.latent_monitor.on_chunk(batch, H, mask)
+        return batch
+
+    def _generate_and_score_monitored(self, inputs):
+        """TRL's rollout with the monitor reading TRL's old-log-prob forward, or its own sampled forward."""
+        mode = "train"
+        monitor = self.latent_monitor
+        assert monitor is not None
+        capture = _Capture(keep_states=False)
+        if self._trl_runs_old_logp_forward():
+            batch = self._monitor_capture(capture, rows=None)
+            with self._armed(capture):
+                output = super()._generate_and_score_completions(inputs)
+            if not capture.fired:
+                raise RuntimeError("the latent monitor expected TRL's old-log-prob forward, but TRL did not run it")
+            extra = 0.0
+        else:
+            output = super()._generate_and_score_completions(inputs)
+            step = self.state.global_step
+            if not monitor.due(step):
+                return output
+            batch = self._monitor_capture(capture, rows=monitor.sample_rows(output["completion_ids"].size(0), step))
+            start = time.perf_counter()
+            with self._armed(capture):
+                self._policy_rollout_forward(output, rows=batch.rows)
+            self._metrics[mode]["latent/time/monitor_forward_s"].append(
+                time.perf_counter() - start - capture.monitor_seconds
+            )
+            extra = 1.0
+        self._metrics[mode]["latent/monitor/extra_forward"].append(extra)
+        self._monitor_finish(batch, capture, output, mode)
+        return output
+
+    def _monitor_finish(self, batch: MonitorBatch, capture: _Capture, output: dict[str, Any], mode: str) -> None:
+        """Gather the monitored rows' signals with their rewards and log the batch statistics under latent/."""
+        assert self.latent_monitor is not None
+        start = time.perf_counter()
+        local_size = output["completion_ids"].size(0)
+        rewards = self._gathered_rewards[local_rows(self.accelerator.process_index, local_size)]
+        if batch.rows is not None:
+            rewards = rewards[batch.rows.to(rewards.device)]
+        metrics = self.latent_monitor.finish(batch, capture.entropies, rewards, self.accelerator, self.state.global_step)
+        for name, value in metrics.items():
+            self._metrics[mode][f"latent/{name}"].append(value)
+        self._metrics[mode]["latent/time/monitor_signals_s"].append(capture.monitor_seconds + time.perf_counter() - start)
+        self._record(
+            "monitor_rollout", output=output, rows=batch.rows, rewards=rewards, entropies=capture.entropies,
+            metrics=metrics,
+        )
 
     def _reduce_rollout_chunk(self, H: Tensor, mask: Tensor, chunks: dict[str, list[Tensor]], fit_now: bool) -> None:
         """Per-chunk rollout statistics, so the whole batch's hidden states are never held at once
@@ -243,17 +345,25 @@ class LatentGRPOTrainer(GRPOTrainer):
     def _apply_verl(self, output: dict[str, Any], chunks: dict[str, list[Tensor]], mode: str) -> None:
         cfg = self.latent_config
         assert isinstance(cfg, VerlConfig)
+        behaviour = cfg.behaviour
+        if not self._verl_announced:  # the configuration's one-line notice, once per run (the core's text)
+            log_notice(cfg)
+            self._verl_announced = True
         trl_advantages = output["advantages"]
         er, erv, era = (torch.cat(chunks[k]).to(trl_advantages.device) for k in ("er", "erv", "era"))
         used = self.verl_baselines
+        needs_rewards = cfg.performance_scaling or behaviour.aux_in_reward or behaviour.bf16
         step = verl_rollout_step(
             trl_advantages, er, erv, era, used, cfg, self.accelerator.gather, self.accelerator.process_index,
-            rewards=self._gathered_rewards if cfg.performance_scaling else None,
+            rewards=self._gathered_rewards if needs_rewards else None,
+            num_generations=self.num_generations, scale_rewards=self.scale_rewards,
         )
         self.verl_baselines = step.baselines
-        if cfg.apply_to == "last_token":
+        if behaviour.inert:
+            pass  # TRL's advantages, untouched
+        elif behaviour.apply_to == "last_token":
             mask = output["completion_mask"].bool()
-            output["advantages"] = verl_token_advantages(trl_advantages, step.shaped, mask, "last_token")
+            output["advantages"] = verl_token_advantages(step.advantages, step.shaped, mask, "last_token")
         else:
             output["advantages"] = step.shaped.to(trl_advantages.dtype)
         for name, value in step.metrics.items():
@@ -427,6 +537,9 @@ class LatentGRPOTrainer(GRPOTrainer):
             json.dump(self.latent_state_dict(), fh)
         if self.koopman is not None and self.koopman.fitted:
             self.koopman.save(os.path.join(directory, _KOOPMAN_FILE))
+        monitor = self.latent_monitor
+        if monitor is not None and monitor.koopman is not self.koopman and monitor.koopman.fitted:
+            monitor.koopman.save(os.path.join(directory, _MONITOR_KOOPMAN_FILE))
 
     def load_latent_state(self, directory: str) -> None:
         path = os.path.join(directory, LATENT_STATE_FILE)
@@ -436,6 +549,10 @@ class LatentGRPOTrainer(GRPOTrainer):
             self.load_latent_state_dict(json.load(fh))
         if self.koopman is not None:
             self.koopman.load(os.path.join(directory, _KOOPMAN_FILE))
+        monitor = self.latent_monitor
+        if monitor is not None and monitor.koopman is not self.koopman:
+            if os.path.exists(os.path.join(directory, _MONITOR_KOOPMAN_FILE)):
+                monitor.koopman.load(os.path.join(directory, _MONITOR_KOOPMAN_FILE))
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -38,12 +38,13 @@ def add_plugin_to_runtime_env(config: DictConfig) -> None:
 def check_config(config: DictConfig) -> None:
     """latentx's own checks (the ``latentx`` block parses; the v1 sync trainer is in use)."""
     settings = parse_settings(config.get("latentx"))
-    if settings.objective != "grpo":
+    if settings.uses_worker:
         if not config.trainer.get("use_v1", True):
             raise ValueError("latentx needs verl's v1 trainer: set trainer.use_v1=True")
         mode = config.trainer.v1.trainer_mode
         if mode != "latentx_sync":
-            raise ValueError(f"latentx.objective={settings.objective} needs trainer.v1.trainer_mode=latentx_sync, got {mode!r}")
+            what = f"latentx.objective={settings.objective}" if settings.objective != "grpo" else "latentx.monitor=true"
+            raise ValueError(f"{what} needs trainer.v1.trainer_mode=latentx_sync, got {mode!r}")
         strategy = config.actor_rollout_ref.actor.strategy
         if strategy not in ("fsdp", "fsdp2"):
             raise ValueError(f"latentx supports actor_rollout_ref.actor.strategy fsdp / fsdp2, got {strategy!r}")

@@ -10,6 +10,7 @@ is theirs, and errors name the full ``latentx.`` path of the field.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -38,6 +39,10 @@ class LatentxSettings:
         dictionary_path: where the fitted dictionary is saved (and re-loaded on resume); the driver fills it
             with ``<trainer.default_local_dir>/latentx_koopman.safetensors`` when empty.
         group_size: R, responses per prompt (``actor_rollout_ref.rollout.n``), filled in by the driver.
+        monitor: the latent monitor (:mod:`latentx.monitor`, for any objective, ``grpo`` included): the actor's
+            old-log-prob forward also emits ER / ERV / ERA (``latentx.verl.stride`` / ``window``) and DSD (a
+            dictionary with the ``latentx.relax`` settings, fitted on the first step), and the driver logs
+            their batch statistics beside the token entropy's under ``latent/``; loss and advantages untouched.
     """
 
     objective: str = "grpo"
@@ -46,8 +51,11 @@ class LatentxSettings:
     fit_max_trajectories: int | None = 256
     dictionary_path: str | None = None
     group_size: int | None = None
+    monitor: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.monitor, bool):
+            raise ValueError(f"latentx.monitor must be true or false, got {self.monitor!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"latentx.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.relax.refit_every != 0:
@@ -71,6 +79,21 @@ class LatentxSettings:
         """DSD with gradient in the actor update, and a Koopman dictionary (ReLaX)."""
         return self.objective == "relax"
 
+    @property
+    def emits_rank_signals(self) -> bool:
+        """The old-log-prob forward emits ER / ERV / ERA (VERL's shaping, or the monitor)."""
+        return self.needs_rank_signals or self.monitor
+
+    @property
+    def needs_dictionary(self) -> bool:
+        """A Koopman dictionary fitted on the first step (ReLaX, or the monitor's DSD)."""
+        return self.needs_dsd or self.monitor
+
+    @property
+    def uses_worker(self) -> bool:
+        """Whether the latentx actor worker (and trainer) is needed at all (False: plain verl)."""
+        return self.objective != "grpo" or self.monitor
+
 
 def _plain(value: Any) -> Any:
     """An OmegaConf node (or anything mapping-like) as plain python containers."""
@@ -92,8 +115,8 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     try:
         return cls(**values)
     except ValueError as err:  # RelaxConfig / VerlConfig name the field as "relax.x" / "verl.x"
-        message = str(err)
-        raise ValueError(message if message.startswith("latentx.") else f"latentx.{message}") from None
+        message = re.sub(r"(?<![\w.])(relax|verl)\.", r"latentx.\1.", str(err))  # every field named in full
+        raise ValueError(message) from None
 
 
 def parse_settings(config: Any) -> LatentxSettings:
@@ -102,7 +125,7 @@ def parse_settings(config: Any) -> LatentxSettings:
     if not isinstance(raw, Mapping):
         raise ValueError(f"latentx must be a mapping, got {type(raw).__name__}")
     raw = dict(raw)
-    known = {"objective", "relax", "verl", "group_size"}
+    known = {"objective", "relax", "verl", "group_size", "monitor"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"unknown option(s) latentx.{', latentx.'.join(unknown)}")
@@ -115,6 +138,7 @@ def parse_settings(config: Any) -> LatentxSettings:
         fit_max_trajectories=plugin.get("fit_max_trajectories", 256),
         dictionary_path=plugin.get("dictionary_path") or None,
         group_size=raw.get("group_size"),
+        monitor=raw.get("monitor", False),
     )
 
 
@@ -126,6 +150,7 @@ def settings_to_dict(settings: LatentxSettings) -> dict[str, Any]:
     return {
         "objective": settings.objective,
         "relax": relax,
-        "verl": dataclasses.asdict(settings.verl),
+        "verl": dataclasses.asdict(settings.verl),  # unset §3b options stay None (the preset decides)
         "group_size": settings.group_size,
+        "monitor": settings.monitor,
     }

@@ -39,6 +39,8 @@ __all__ = [
     "rank_signals",
     "relax_dsd",
     "per_response_nested",
+    "padded_field",
+    "response_layout",
     "per_response_values",
 ]
 
@@ -148,6 +150,32 @@ def rank_signals(H: Tensor, mask: Tensor, cfg: VerlConfig) -> dict[str, Tensor]:
 def relax_dsd(H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, cfg: RelaxConfig) -> Tensor:
     """DSD of each response (METHODS.md §2) via :func:`latentx.dynamics.dsd`; keeps the gradient of ``H``."""
     return dictionary.dsd(H, mask)  # the dictionary was built from ``cfg`` (KoopmanDictionary.from_config)
+
+
+def padded_field(field: Tensor, batch: int, width: int) -> Tensor:
+    """A driver-side token field (nested ``[B, j]`` or padded ``[B, W']``) as a padded ``[B, width]`` tensor."""
+    if getattr(field, "is_nested", False):
+        return torch.nested.to_padded_tensor(field, 0.0, output_size=(batch, width))
+    field = field[:, :width]
+    return torch.nn.functional.pad(field, (0, width - field.shape[1])) if field.shape[1] < width else field
+
+
+def response_layout(data: Any, fields: tuple[str, ...], what: str) -> tuple[int, int, Tensor]:
+    """``(B, W, mask [B, W] bool)`` of a driver batch read from TransferQueue, after checking that it holds
+    ``fields`` (the error names the missing ones and ``what`` needs them); W is the longest response."""
+    missing = [key for key in fields if key not in data.keys()]
+    if missing:
+        raise ValueError(
+            f"{what} needs the batch fields {', '.join(missing)} (latentx_* come from the actor's "
+            "old-log-prob forward: is the latentx worker in use, and algorithm.rollout_correction.bypass_mode off?)"
+        )
+    mask_field = data["response_mask"]
+    if getattr(mask_field, "is_nested", False):
+        lengths = mask_field.offsets().diff()
+        B, W = int(lengths.shape[0]), int(lengths.max()) if lengths.numel() else 0
+    else:
+        B, W = int(mask_field.shape[0]), int(mask_field.shape[1])
+    return B, W, padded_field(mask_field, B, W).bool()
 
 
 def per_response_nested(values: Tensor) -> Tensor:

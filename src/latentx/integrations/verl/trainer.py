@@ -29,7 +29,8 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from latentx.integrations.verl.advantage import SHAPING_FIELDS, shape_advantages
+from latentx.integrations.verl.advantage import shape_advantages, shaping_fields
+from latentx.integrations.verl.monitor import MONITOR_FIELDS, monitor_batch_metrics
 from latentx.integrations.verl.settings import LatentxSettings, parse_settings, settings_to_dict
 from latentx.integrations.verl.worker import LatentxActorRolloutRefWorker
 from latentx.objectives import VerlShaper
@@ -52,13 +53,16 @@ def prepare_config(config: DictConfig) -> LatentxSettings:
             "latentx.objective=verl shapes response-level advantages; algorithm.adv_estimator=gae gives "
             "token-level ones (use grpo or another outcome estimator)"
         )
-    if settings.objective in ("verl", "relax"):
+    if settings.uses_worker:
         rollout_corr = config.algorithm.get("rollout_correction", None)
         if rollout_corr is not None and rollout_corr.get("bypass_mode", False):
             raise ValueError(
                 "latentx needs the actor's old-log-prob forward (hidden states come from it): set "
                 "algorithm.rollout_correction.bypass_mode=False"
             )
+    if settings.needs_dictionary and not settings.dictionary_path:
+        root = config.trainer.default_local_dir
+        settings.dictionary_path = os.path.join(os.path.abspath(str(root)), DICTIONARY_FILE)
     if settings.needs_dsd:
         if settings.relax.beta > 0 and not need_reference_policy(config):
             raise ValueError(
@@ -66,9 +70,6 @@ def prepare_config(config: DictConfig) -> LatentxSettings:
                 "actor_rollout_ref.actor.use_kl_loss=True (with actor_rollout_ref.actor.kl_loss_coef=0.0 for "
                 "ReLaX's KL alone), or latentx.relax.beta=0"
             )
-        if not settings.dictionary_path:
-            root = config.trainer.default_local_dir
-            settings.dictionary_path = os.path.join(os.path.abspath(str(root)), DICTIONARY_FILE)
     with open_dict(config):
         config.actor_rollout_ref.latentx = settings_to_dict(settings)
     return settings
@@ -85,19 +86,27 @@ class LatentxPPOTrainerSync(PPOTrainerSync):
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
-        if self.latentx_settings.objective == "grpo":
+        if not self.latentx_settings.uses_worker:
             return
         for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
             if role in self.role_worker_mapping:
                 self.role_worker_mapping[role] = ray.remote(LatentxActorRolloutRefWorker)
 
     def _compute_advantage(self, batch, metrics: dict):
+        meta = batch
         batch = super()._compute_advantage(batch, metrics=metrics)
+        if self.latentx_settings.monitor:  # statistics only: read from TransferQueue, nothing written back
+            data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=list(MONITOR_FIELDS))
+            keep = torch.tensor([not tag.get("is_padding", False) for tag in meta.tags], dtype=torch.bool)
+            metrics.update(monitor_batch_metrics(data, keep))
         if self.latentx_shaper is None:
             return batch
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(SHAPING_FIELDS))
+        fields = shaping_fields(self.latentx_shaper)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags], dtype=torch.bool)
-        shaped, info = shape_advantages(data, self.latentx_shaper, keep)
+        algorithm = getattr(getattr(self, "config", None), "algorithm", None)
+        norm_by_std = bool(algorithm.get("norm_adv_by_std_in_grpo", True)) if algorithm is not None else True
+        shaped, info = shape_advantages(data, self.latentx_shaper, keep, norm_adv_by_std=norm_by_std)
         output = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
         batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
         metrics.update(info)

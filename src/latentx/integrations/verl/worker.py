@@ -57,7 +57,7 @@ class DictionaryState:
 
     @property
     def collecting(self) -> bool:
-        return self.settings.needs_dsd and self.dictionary is None
+        return self.settings.needs_dictionary and self.dictionary is None
 
     def collect(self, H: Tensor, mask: Tensor) -> None:
         """Keep (on the CPU, in the model's dtype) response trajectories for the fit; rank 0 only."""
@@ -107,7 +107,7 @@ class DictionaryState:
     def load_if_saved(self, hidden_size: int, device: torch.device) -> bool:
         """On start-up (resume): rank 0 loads ``dictionary_path`` if it exists; all ranks get W.  True if loaded."""
         path = self.settings.dictionary_path
-        if not self.settings.needs_dsd or not path:
+        if not self.settings.needs_dictionary or not path:
             return False
         found = torch.tensor([1.0 if (_rank() == 0 and os.path.exists(path)) else 0.0], device=device)
         if not bool(_broadcast(found)[0] > 0):
@@ -193,15 +193,17 @@ class LatentxEngineHook:
                 model_output["latentx_dsd"] = relax_dsd(H, mask, self.state.dictionary, self.settings.relax)
             return model_output
         with torch.no_grad():
-            if self.settings.needs_rank_signals:
+            if self.settings.emits_rank_signals:
                 for key, value in rank_signals(H, mask, self.settings.verl).items():
                     model_output[key] = per_response_nested(value)
-            if self.settings.needs_dsd:
+            if self.settings.needs_dictionary:
                 if self.state.dictionary is not None:
                     value = relax_dsd(H.detach(), mask, self.state.dictionary, self.settings.relax)
                     model_output["latentx_dsd"] = per_response_nested(value)
                 else:
                     self.state.collect(H, mask)
+                    if self.settings.monitor:  # the monitor's batch field exists from step 1 on (NaN: not fitted)
+                        model_output["latentx_dsd"] = per_response_nested(torch.full((H.shape[0],), float("nan")))
         return model_output
 
 
@@ -233,13 +235,14 @@ class LatentxActorRolloutRefWorker(ActorRolloutRefWorker):
         if self.actor is None:
             return
         settings = parse_settings(self.config.get("latentx"))
-        if settings.objective == "grpo":
+        if not settings.uses_worker:
             return
         if settings.needs_dsd and self.distillation_enabled:
             raise ValueError("latentx.objective=relax cannot be combined with verl's distillation loss")
         self.latentx = LatentxEngineHook(self.actor.engine, settings)
-        if settings.needs_dsd:
+        if settings.needs_dictionary:
             self.latentx.state.load_if_saved(_hidden_size(self.actor.engine), _device())
+        if settings.needs_dsd:
             actor_config = self.loss_fn.keywords["config"]
             self.loss_fn = partial(
                 relax_ppo_loss, config=actor_config, relax=settings.relax, group_size=settings.group_size
