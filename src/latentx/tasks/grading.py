@@ -388,7 +388,7 @@ class _WorkerPool:
         self._start_error: GraderError | None = None
         self._pid = os.getpid()
         self.max_idle = max(2, os.cpu_count() or 2)
-        self.spares = 2
+        self.spares = 1
 
     def _check_fork(self) -> None:  # lock held
         if self._pid != os.getpid():  # forked: those workers and starter threads belong to the parent
