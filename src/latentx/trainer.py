@@ -429,7 +429,7 @@ class Trainer:
     def advantages(self, ro: "Rollout") -> tuple[torch.Tensor, dict[str, float]]:
         """GRPO advantages (METHODS.md §0), then the objective's advantage hook (VERL's shaping, §3)."""
         adv = self.objective.advantages(ro.rewards, ro.group)
-        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards)
+        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards, ro.group)
         return adv, {k: float(v) for k, v in info.items()}
 
     def update(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
@@ -520,6 +520,9 @@ class Trainer:
         start_step = self.step
         if self.checkpoint is not None:
             self.log(f"resuming at step {start_step} from {self.checkpoint}")
+        announce = getattr(self.objective.state, "announce", None)  # an objective's one-line notice (VERL presets)
+        if callable(announce):
+            announce(log=self.log)
         reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
                             eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
         with reporter:
