@@ -419,6 +419,41 @@ def test_verl_group_split_over_two_processes_equals_unsplit():
     assert local_only.baselines != whole.baselines  # without the gather the EMA would be wrong
 
 
+@pytest.mark.parametrize("preset", ["enabled", "release"])
+def test_verl_presets_over_two_processes_equal_the_core(preset):
+    """TRL takes the same presets: the gathered batch goes through the core step (GRPO re-run on r + aux with
+    TRL's ε = 1e-4 for `enabled`; TRL's advantages untouched for `release`)."""
+    from latentx.objectives.verl import verl_step
+
+    gen = torch.Generator().manual_seed(2)
+    B, local, R = 16, 8, 4
+    rewards = (torch.rand(B, generator=gen) < 0.5).float()
+    group = torch.arange(B) // R
+    adv = group_advantages(rewards, group, eps=1e-4)
+    er = torch.rand(B, generator=gen) * 30
+    erv, era = torch.randn(B, generator=gen), torch.randn(B, generator=gen)
+    cfg = VerlConfig(preset=preset)
+    base = VerlBaselines(er=12.0, erv=0.5, era=-0.2, steps=2, pending_er=11.0, pending_erv=0.4, pending_era=0.1)
+    parts = run_ranks(
+        2,
+        lambda rank, gather: verl_rollout_step(
+            *(x[rank * local : (rank + 1) * local] for x in (adv, er, erv, era)), base, cfg, gather, rank,
+            rewards=rewards, num_generations=R, scale_rewards="group",
+        ),
+    )
+    core = verl_step(adv, er, erv, era, base, cfg, rewards, group, advantage_eps=1e-4)
+    assert torch.equal(torch.cat([p.shaped for p in parts]), core.shaped)
+    assert torch.equal(torch.cat([p.advantages for p in parts]), core.advantages)
+    assert all(p.baselines == core.baselines for p in parts)
+    if preset == "release":
+        assert torch.equal(core.shaped, adv) and torch.equal(core.advantages, adv)
+    else:
+        assert (core.advantages - adv).abs().max() > 1e-2  # aux moved the normalised advantage itself
+    with pytest.raises(ValueError, match="scale_rewards must be 'group' or 'none'"):
+        verl_rollout_step(adv, er, erv, era, base, VerlConfig(preset="enabled"), lambda t: t, 0, rewards=rewards,
+                          num_generations=R, scale_rewards="batch")
+
+
 @pytest.mark.parametrize("kl_set", ["paper", "code"])
 def test_relax_group_split_over_processes_and_microbatches_equals_unsplit(kl_set):
     gen = torch.Generator().manual_seed(1)

@@ -100,10 +100,16 @@ class StudyConfig:
                 raise ValueError(f"study.seeds must be a positive count or a list of seeds, got {self.seeds}")
             self.seeds = list(range(self.seeds))
         self.seeds = [int(s) for s in self.seeds]
+        from latentx.objectives import parse_objective_spec
+
         self.objectives = list(self.objectives)
-        for name in self.objectives:
-            if name not in OBJECTIVES:
-                raise ValueError(f"study.objectives: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+        for label in self.objectives:  # a name, or name@preset (verl@enabled): a separate objective each
+            if str(label).partition("@")[0] not in OBJECTIVES:
+                raise ValueError(f"study.objectives: unknown objective {label!r} (known: {', '.join(OBJECTIVES)})")
+            try:
+                parse_objective_spec(label)
+            except ValueError as err:
+                raise ValueError(f"study.objectives: {err}") from None
         for label, items in (("objectives", self.objectives), ("seeds", self.seeds),
                              ("validation_seeds", self.validation_seeds)):
             if len(set(items)) != len(items):
@@ -118,7 +124,8 @@ class StudyConfig:
         sizes: dict[int, list[str]] = {}
         for key in self.tune:
             section = key.split(".", 1)[0]
-            if "." not in key or section not in OBJECTIVES or OBJECTIVES[section].config_class is None:
+            method = section.partition("@")[0]  # verl@enabled.coef tunes verl.coef of that objective
+            if "." not in key or method not in OBJECTIVES or OBJECTIVES[method].config_class is None:
                 raise ValueError(
                     f"study.tune: {key!r} must be <objective>.<field> for a non-GRPO objective "
                     f"(grpo.* settings are shared by every objective, so tuning them is not per objective)"
@@ -399,7 +406,11 @@ def _run_config(base: "TrainConfig", objective: str, seed: int, out: Path, extra
     from latentx.config import apply_overrides
     from latentx.trainer import resolve_config
 
-    cfg = apply_overrides(base, [f"objective={objective}", f"seed={seed}", f"out={out}", *extra])
+    from latentx.objectives import parse_objective_spec
+
+    name, preset = parse_objective_spec(objective)  # "verl@enabled" -> verl with verl.preset=enabled
+    extra = [f"{name}.{item.split('.', 1)[1]}" if item.startswith(f"{objective}.") else item for item in extra]
+    cfg = apply_overrides(base, [f"objective={name}", *preset, f"seed={seed}", f"out={out}", *extra])
     cfg.eval = replace(cfg.eval, enabled=False)  # the study evaluates each run itself (see the module doc)
     return resolve_config(cfg)
 
@@ -640,7 +651,14 @@ def _color(objective: str) -> str:
     from latentx.trainer import OBJECTIVES
 
     names = list(OBJECTIVES)
+    if objective not in names:  # name@preset: colours after the built-in ones, in order of first use
+        if objective not in _VARIANT_COLORS:
+            _VARIANT_COLORS.append(objective)
+        return f"C{(len(names) - 1 + _VARIANT_COLORS.index(objective)) % 10}"
     return "0.25" if names.index(objective) == 0 else f"C{names.index(objective) - 1}"  # the first (GRPO) in grey
+
+
+_VARIANT_COLORS: list[str] = []
 
 
 def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
