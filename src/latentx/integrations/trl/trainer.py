@@ -29,19 +29,18 @@ from torch import Tensor
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from latentx.dynamics import rank_dynamics
+from latentx.dynamics import KoopmanDictionary, rank_dynamics
 from latentx.integrations.trl.capture import capture_completion_states, find_backbone
 from latentx.integrations.trl.config import LatentGRPOConfig
 from latentx.integrations.trl.latent import (
     group_ids,
     kl_cov_token_sum_correction,
     local_rows,
-    relax_group_shares,
-    relax_microbatch_terms,
+    relax_microbatch_share,
     relax_rollout_plan,
     verl_rollout_step,
 )
-from latentx.integrations.trl.koopman import KoopmanOps
+from latentx.integrations.trl.koopman import fit_on_main_process, load_saved_dictionary
 from latentx.integrations.trl.monitor import MonitorBatch, RolloutMonitor
 from latentx.objectives import (
     KLCovConfig,
@@ -53,6 +52,8 @@ from latentx.objectives import (
     verl_token_advantages,
 )
 from latentx.objectives.base import valid_only
+from latentx.objectives.relax import BatchTotals
+from latentx.diagnostics import TermGradients
 from latentx.objectives.verl import log_notice
 
 __all__ = ["LatentGRPOTrainer", "LATENT_STATE_FILE"]
@@ -95,12 +96,18 @@ class _Capture:
             self.monitor_seconds += time.perf_counter() - start
 
 
+#: The multimodal inputs TRL 1.16's loss forward (``_compute_loss``) passes to the policy, read from the rollout.
+_MULTIMODAL_FIELDS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
 class LatentGRPOTrainer(GRPOTrainer):
     """TRL ``GRPOTrainer`` running the latentx objective chosen by ``args.latent_objective``.
 
     Takes TRL's arguments unchanged, with ``args`` a :class:`LatentGRPOConfig`.  Latent metrics are logged
-    through TRL's ``self._metrics`` under the ``latent/`` prefix.  Latent objectives need a text-only causal
-    LM (the backbone hook reads ``last_hidden_state``).
+    through TRL's ``self._metrics`` under the ``latent/`` prefix.  Latent objectives work on text LMs and
+    vision-language models (the backbone hook reads the decoder's ``last_hidden_state``; the adapter's own
+    rollout forward passes the same multimodal fields as TRL's loss forward).
 
     Extra attribute: ``latent_records`` — set it to a list to have every latent computation recorded
     (inputs, TRL's and latentx's numbers); used by the tests, off (None) by default.
@@ -124,18 +131,18 @@ class LatentGRPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         finally:
             args.beta = user_beta
-        if self.latent_objective in ("relax", "verl") and self._is_vlm:
-            raise ValueError(f"latent_objective={self.latent_objective!r} supports text-only causal LMs in the TRL adapter")
         if args.latent_monitor and self._is_vlm:
             raise ValueError("latent_monitor supports text-only causal LMs in the TRL adapter")
         self._capture: _Capture | None = None
         self._gathered_rewards: Tensor | None = None
         self.verl_baselines = VerlBaselines()
         self._verl_announced = False
-        self.koopman: KoopmanOps | None = None
+        #: The Koopman estimator (METHODS.md §2), built once from the RelaxConfig; W frozen between fits.
+        self.koopman: KoopmanDictionary | None = None
         if isinstance(self.latent_config, RelaxConfig):
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
-            self.koopman = KoopmanOps(self.latent_config, hidden_size)
+            self.koopman = KoopmanDictionary.from_config(self.latent_config, hidden_size).requires_grad_(False)
+            self.koopman.to(self.accelerator.device)
         self.latent_monitor: RolloutMonitor | None = None
         if args.latent_monitor:
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
@@ -194,6 +201,10 @@ class LatentGRPOTrainer(GRPOTrainer):
         on every local row or on ``rows`` only (the monitor's sample)."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        # A VLM's rollout: the same multimodal fields TRL's loss forward passes (images, grids, 3-D rope ids).
+        multimodal = {key: output[key] for key in _MULTIMODAL_FIELDS if output.get(key) is not None}
+        if multimodal and rows is not None:
+            raise ValueError("the latent monitor's row sampling supports text-only models; set latent_monitor_fraction=1")
         if rows is not None:
             rows = rows.to(input_ids.device)
             input_ids, attention_mask = input_ids[rows], attention_mask[rows]
@@ -204,6 +215,7 @@ class LatentGRPOTrainer(GRPOTrainer):
                 attention_mask,
                 output["completion_ids"].size(1),
                 batch_size=self.args.per_device_train_batch_size,
+                **multimodal,
             )
 
     # ------------------------------------------------------------------------------------------
@@ -226,7 +238,9 @@ class LatentGRPOTrainer(GRPOTrainer):
             return super()._generate_and_score_completions(inputs)
 
         chunks: dict[str, list[Tensor]] = {"er": [], "erv": [], "era": [], "dsd": [], "H": [], "mask": []}
-        fit_now = self.koopman is not None and self.koopman.needs_fit(self.state.global_step)
+        fit_now = self.koopman is not None and self.koopman.refit_due(
+            self.state.global_step, self.latent_config.refit_every
+        )
         capture = _Capture(keep_states=False, reduce=lambda H, mask: self._reduce_rollout_chunk(H, mask, chunks, fit_now))
         monitored = self._monitor_capture(capture, rows=None)
         trl_forward = self._trl_runs_old_logp_forward()
@@ -382,32 +396,27 @@ class LatentGRPOTrainer(GRPOTrainer):
         device = output["advantages"].device
         groups = group_ids(self.accelerator.process_index, local_size, self.num_generations, device)
         output["latent_group"] = groups
-        if cfg.lme_scope == "group":
-            plan = relax_rollout_plan(
-                output["advantages"], dsd, groups, cfg, self.accelerator.gather, self.accelerator.process_index
-            )
-            output["latent_dsd_weight"] = plan.dsd_weight
-            output["latent_dsd_rollout"] = plan.dsd_rollout
-            output["latent_in_set"] = plan.in_set
-            # 0-dim tensors ride along unchanged through TRL's shuffle and split.
-            output["latent_xp"] = torch.tensor(plan.xp, device=device)
-            output["latent_set_size"] = torch.tensor(plan.set_size, device=device)
-            for name, value in plan.metrics.items():
-                self._metrics[mode][f"latent/{name}"].append(value)
-        else:
-            gathered = self.accelerator.gather(dsd.float())
-            self._metrics[mode]["latent/dsd_mean"].append(float(gathered.mean()))
+        lengths = output["completion_mask"].sum(1).long()
+        plan = relax_rollout_plan(
+            output["advantages"], dsd, groups, cfg, self.accelerator.gather, self.accelerator.process_index,
+            lengths=lengths, length_norm=cfg.resolved_pad_to(self.max_completion_length) or self.max_completion_length,
+        )
+        output["latent_in_set"] = plan.in_set
+        output["latent_group_lse"] = plan.group_lse
+        output["latent_group_count"] = plan.group_count
+        output["latent_dsd_rollout"] = dsd.detach().float()
+        # 0-dim tensors ride along unchanged through TRL's shuffle and split.
+        output["latent_xp"] = torch.tensor(plan.xp, device=device)
+        for name in ("groups", "responses", "tokens", "in_set", "length"):
+            output[f"latent_total_{name}"] = torch.tensor(getattr(plan.totals, name), device=device)
+        for name, value in plan.metrics.items():
+            self._metrics[mode][f"latent/{name}"].append(value)
         self._record("relax_rollout", dsd=dsd, output=output, fit_states=fit_states)
 
     def _fit_koopman(self, H: Tensor, mask: Tensor, mode: str) -> None:
-        """Fit the dictionary on process 0's share of the batch and broadcast it (METHODS.md §2)."""
+        """Fit a fresh dictionary on process 0's share of the batch and broadcast W (METHODS.md §2)."""
         assert self.koopman is not None
-        if self.accelerator.is_main_process:
-            loss = self.koopman.fit(H, mask, self.state.global_step)
-        else:
-            loss = float("nan")
-            self.koopman.mark_fitted(self.state.global_step)
-        self.koopman.broadcast_from_main(self.accelerator)
+        loss = fit_on_main_process(self.koopman, H, mask, self.state.global_step, self.accelerator)
         self._metrics[mode]["latent/koopman_fit_loss"].append(loss)
 
     # ------------------------------------------------------------------------------------------
@@ -441,6 +450,15 @@ class LatentGRPOTrainer(GRPOTrainer):
         else:
             term, details = self._kl_cov_term(inputs, capture.logps, mode)
         loss = trl_loss + term / self.current_gradient_accumulation_steps
+        every = int(getattr(self.args, "latent_term_grads_every", 0) or 0)
+        if every and self.state.global_step % every == 0 and self.latent_objective == "relax":
+            # diagnostics.term_grads_every: each term's gradient on this micro-batch, separately (one extra
+            # backward per term, only on these steps).
+            cfg, steps = self.latent_config, self.current_gradient_accumulation_steps
+            tracker = TermGradients(model.parameters())
+            tracker.add({"pg": trl_loss, "xp": cfg.alpha * details["xp"] / steps, "kl": cfg.beta * details["kl"] / steps})
+            for key, value in tracker.metrics().items():
+                self._metrics[mode][f"latent/{key}"].append(value)
         self._metrics[mode]["latent/time/loss_terms_s"].append(time.perf_counter() - start)  # forward part only
         self._record(
             f"{self.latent_objective}_loss",
@@ -467,20 +485,18 @@ class LatentGRPOTrainer(GRPOTrainer):
         kl_i = None
         if ref is not None:
             kl_i = per_response_mean(k3_kl(valid_only(logps, mask), valid_only(ref.detach(), mask)), mask)
-        if cfg.lme_scope == "group":
-            num_shares = self.accelerator.num_processes * self.args.steps_per_generation
-            xp, kl = relax_group_shares(
-                dsd, kl_i, inputs["latent_dsd_weight"], inputs["latent_dsd_rollout"], inputs["latent_in_set"],
-                float(inputs["latent_xp"]), int(inputs["latent_set_size"]), num_shares,
-            )
-            drift = (dsd.detach() - inputs["latent_dsd_rollout"]).abs().mean() if dsd.numel() else dsd.sum()
-        else:
-            advantages = inputs["advantages"]
-            if advantages.dim() == 2:
-                advantages = per_response_mean(advantages, mask)
-            xp, kl, _ = relax_microbatch_terms(advantages.float(), dsd, inputs["latent_group"], kl_i, cfg)
-            drift = torch.zeros((), device=dsd.device)
-        term = cfg.alpha * xp + cfg.beta * kl
+        advantages = inputs["advantages"]
+        if advantages.dim() == 2:
+            advantages = per_response_mean(advantages, mask)
+        totals = BatchTotals(**{name: int(inputs[f"latent_total_{name}"]) for name in ("groups", "responses", "tokens", "in_set", "length")})
+        num_shares = self.accelerator.num_processes * self.args.steps_per_generation
+        shares = relax_microbatch_share(
+            advantages.float(), dsd, inputs["latent_group"], mask, inputs["latent_in_set"], inputs["latent_group_lse"],
+            inputs["latent_group_count"], totals, cfg, num_shares, logp=logps, ref_logp=ref,
+        )
+        xp, kl = shares.xp, shares.kl
+        drift = (dsd.detach() - inputs["latent_dsd_rollout"]).abs().mean() if dsd.numel() else dsd.sum()
+        term = shares.loss
         stats = torch.stack([xp.detach(), kl.detach(), dsd.detach().mean(), drift.float()]).float()
         xp_mean, kl_mean, dsd_mean, drift_mean = self.accelerator.gather(stats).view(-1, 4).mean(dim=0).tolist()
         self._metrics[mode]["latent/relax/xp"].append(xp_mean)
@@ -535,10 +551,10 @@ class LatentGRPOTrainer(GRPOTrainer):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, LATENT_STATE_FILE), "w") as fh:
             json.dump(self.latent_state_dict(), fh)
-        if self.koopman is not None and self.koopman.fitted:
+        if self.koopman is not None and self.koopman.fitted_:
             self.koopman.save(os.path.join(directory, _KOOPMAN_FILE))
         monitor = self.latent_monitor
-        if monitor is not None and monitor.koopman is not self.koopman and monitor.koopman.fitted:
+        if monitor is not None and monitor.koopman is not self.koopman and monitor.koopman.fitted_:
             monitor.koopman.save(os.path.join(directory, _MONITOR_KOOPMAN_FILE))
 
     def load_latent_state(self, directory: str) -> None:
@@ -547,12 +563,14 @@ class LatentGRPOTrainer(GRPOTrainer):
             raise FileNotFoundError(f"{path} does not exist (not a LatentGRPOTrainer checkpoint?)")
         with open(path) as fh:
             self.load_latent_state_dict(json.load(fh))
-        if self.koopman is not None:
-            self.koopman.load(os.path.join(directory, _KOOPMAN_FILE))
+        if self.koopman is not None:  # resume: no refit on the first rollout unless the schedule says so
+            self.koopman = load_saved_dictionary(os.path.join(directory, _KOOPMAN_FILE), like=self.koopman)
         monitor = self.latent_monitor
-        if monitor is not None and monitor.koopman is not self.koopman:
-            if os.path.exists(os.path.join(directory, _MONITOR_KOOPMAN_FILE)):
-                monitor.koopman.load(os.path.join(directory, _MONITOR_KOOPMAN_FILE))
+        if monitor is not None:
+            if self.koopman is not None:
+                monitor.koopman = self.koopman  # shared with the relax objective
+            elif os.path.exists(os.path.join(directory, _MONITOR_KOOPMAN_FILE)):
+                monitor.koopman = load_saved_dictionary(os.path.join(directory, _MONITOR_KOOPMAN_FILE), monitor.koopman)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
