@@ -529,6 +529,38 @@ def test_shape_advantages_skips_padding_rows_and_names_missing_fields():
         shape_advantages(td, VerlShaper(cfg))
 
 
+def test_shape_advantages_release_is_verls_grpo_bit_for_bit():
+    shaper = VerlShaper(VerlConfig(preset="release"))
+    for step in range(3):
+        td, raw = shaping_batch(step)
+        shaped, info = shape_advantages(td, shaper)
+        verl_adv = torch.nested.to_padded_tensor(td["advantages"], 0.0, output_size=tuple(raw["mask"].shape))
+        assert torch.equal(shaped, verl_adv)
+        assert info["latentx/verl_active"] == 0.0
+    assert shaper.baselines.steps == 3
+
+
+def test_shape_advantages_enabled_uses_verls_groups():
+    """verl.preset=enabled: aux enters the reward and GRPO re-runs over verl's uid groups (Dr. GRPO too)."""
+    for norm_by_std in (True, False):
+        cfg = VerlConfig(preset="enabled")
+        ours, reference = VerlShaper(cfg), VerlShaper(cfg)
+        group = torch.tensor([0, 0, 0, 1, 1, 1])
+        for step in range(3):
+            td, raw = shaping_batch(step)
+            td.set_non_tensor("uid", UIDS)
+            shaped, _ = shape_advantages(td, ours, norm_adv_by_std=norm_by_std)
+            expected, _ = reference.shape(
+                raw["adv"], raw["er"], raw["erv"], raw["era"], raw["mask"], rewards=raw["rewards"], group=group,
+                advantage_std=norm_by_std,
+            )
+            torch.testing.assert_close(shaped, expected)
+        assert (shaped != raw["adv"][:, None] * raw["mask"]).any()
+    td, _ = shaping_batch(0)
+    with pytest.raises(ValueError, match="uid"):
+        shape_advantages(td, VerlShaper(VerlConfig(aux_in_reward=True)))
+
+
 class FakeTransferQueue:
     """In-memory stand-in for TransferQueue's kv_batch_get / kv_batch_put (the driver's only TQ calls)."""
 

@@ -68,7 +68,9 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         model.save_pretrained(tmp / "model", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "model")
+        from latentx.vision import save_tokenizer
+
+        save_tokenizer(tokenizer, tmp / "model")  # a VLM's processor too
         torch.save(trainer_state, tmp / "trainer_state.pt")
         if dictionary is not None:
             dictionary.save(tmp / "koopman.safetensors")

@@ -249,11 +249,13 @@ def generate_hf(
     progress: bool = True,
     desc: str = "generating",
     extra_inputs: Sequence[dict[str, Any]] | None = None,
+    images: Sequence[Sequence[Any]] | None = None,
 ) -> list[list[Completion]]:
     """``settings.n`` completions per prompt through the one generation core,
     :func:`latentx.rollout.sample_responses` (batched, left-padded, longest prompts first, stop tokens of
     the generation config).  Sampling draws from a forked torch RNG seeded with ``seed``, so the caller's
-    random state is untouched.  ``extra_inputs``: one dict of extra model inputs per prompt (see there).
+    random state is untouched.  ``extra_inputs``: one dict of extra model inputs per prompt, ``images``: one
+list of images per prompt for a vision-language model (see there).
     """
     from latentx.rollout import sample_responses
 
@@ -267,6 +269,7 @@ def generate_hf(
         model, tokenizer, list(prompts), settings.n, settings.max_new_tokens, temperature=settings.temperature,
         top_p=settings.top_p, generation_batch_size=batch_size, seed=seed,
         extra_inputs=list(extra_inputs) if extra_inputs is not None else None, progress=progress, desc=desc,
+        images=list(images) if images is not None else None,
     )
     num_tokens = seqs.response_mask.sum(1).tolist()
     ended = seqs.ended.tolist() if seqs.ended is not None else [False] * len(num_tokens)
@@ -444,10 +447,15 @@ def evaluate_task(
         ids = [str(i) for i in range(len(instances))]
     by_id = dict(zip(ids, instances))
     problems = [Problem(pid, inst.prompt, str(inst.answer)) for pid, inst in zip(ids, instances)]
+    from latentx.vision import task_images
+
+    images = task_images(task, instances)  # in problem order, as evaluate_problems renders the prompts
 
     def generate(prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
+        if images is not None and len(prompts) != len(images):
+            raise RuntimeError("evaluate_task: prompts and images out of step")
         return generate_hf(model, tokenizer, prompts, s, batch_size=batch_size, seed=seed, progress=progress,
-                           desc=benchmark)
+                           desc=benchmark, images=images)
 
     return evaluate_problems(
         problems, settings, generate, tokenizer,

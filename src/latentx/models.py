@@ -7,6 +7,8 @@ spec                            what is loaded
 ==============================  ==========================================================================
 ``"tiny"``                      the built-in tiny Qwen2 model with a character-level tokenizer, freshly
                                 initialised from ``seed`` (see :func:`build_tiny_model`)
+``"tiny-vl"``                   the built-in tiny Qwen2.5-VL (vision-language) model with its processor
+                                (see :func:`latentx.vision.build_tiny_vl_model`)
 ``"path/to/hf_dir"``            a ``save_pretrained`` directory (``config.json`` + weights + tokenizer)
 ``"path/to/RUN"``               a ``latentx train`` run directory: ``RUN/checkpoints/LATEST`` names the
                                 newest complete checkpoint, whose ``model/`` sub-directory is loaded
@@ -15,6 +17,9 @@ spec                            what is loaded
 ``"dir_or_repo::file.gguf"``    the GGUF file ``file.gguf`` inside a local directory or a hub repository
 ``"org/name"``                  a Hugging Face hub id (needs network access)
 ==============================  ==========================================================================
+
+A directory or hub id whose config has a ``vision_config`` loads through ``AutoModelForImageTextToText``
+with its processor, which the returned tokenizer carries (:func:`latentx.vision.processor_of`).
 
 Every tokenizer returned has a pad token (the eos token when the model has none) and
 ``padding_side="left"``, which is what batched generation needs.
@@ -421,8 +426,13 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
-    if isinstance(spec, str) and spec.strip() == TINY_SPEC:
-        model, tokenizer = build_tiny_model(seed=seed, **(tiny_overrides or {}))
+    if isinstance(spec, str) and spec.strip() in (TINY_SPEC, "tiny-vl"):
+        if spec.strip() == TINY_SPEC:
+            model, tokenizer = build_tiny_model(seed=seed, **(tiny_overrides or {}))
+        else:
+            from latentx.vision import build_tiny_vl_model
+
+            model, tokenizer = build_tiny_vl_model(seed=seed, **(tiny_overrides or {}))
         if isinstance(torch_dtype, torch.dtype):
             model = model.to(torch_dtype)
     else:
@@ -433,7 +443,11 @@ def load_model(
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         try:
-            if gguf_file is not None and cache_gguf:
+            from latentx.vision import has_vision_config, load_vision_model
+
+            if gguf_file is None and has_vision_config(where):
+                model, tokenizer = load_vision_model(where, kwargs, trust_remote_code=trust_remote_code)
+            elif gguf_file is not None and cache_gguf:
                 cached = cache_gguf_as_safetensors(where, gguf_file, trust_remote_code=trust_remote_code)
                 model = AutoModelForCausalLM.from_pretrained(cached, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(cached, trust_remote_code=trust_remote_code)

@@ -129,14 +129,28 @@ def _devices_in_use(model) -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
-def _stack_extra(rows: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+def _stack_extra(rows: list[dict[str, torch.Tensor]], device: torch.device, prompt_width: int | None = None,
+                 total: int | None = None) -> dict[str, torch.Tensor]:
+    """The rows' extra inputs as one batch: concatenated along dim 0.  Per-token fields
+    (:data:`latentx.vision.TOKEN_FIELDS`, e.g. ``mm_token_type_ids`` ``[1, L_i]``) are aligned with the
+    left-padded prompt (``prompt_width`` columns) and extended with zeros over the response (to ``total``)."""
+    from latentx.vision import TOKEN_FIELDS
+
     if not rows or not rows[0]:
         return {}
     keys = rows[0].keys()
     for i, row in enumerate(rows):
         if row.keys() != keys:
             raise ValueError(f"extra_inputs[{i}] has keys {sorted(row)}, expected {sorted(keys)} like the first prompt")
-    return {key: torch.cat([row[key] for row in rows]).to(device) for key in keys}
+    out = {}
+    for key in keys:
+        if key in TOKEN_FIELDS and prompt_width is not None:
+            width = total or prompt_width
+            out[key] = torch.cat([F.pad(row[key], (prompt_width - row[key].shape[-1], width - prompt_width))
+                                  for row in rows]).to(device)
+        else:
+            out[key] = torch.cat([row[key] for row in rows]).to(device)
+    return out
 
 
 @torch.no_grad()
@@ -152,6 +166,7 @@ def sample_responses(
     *,
     seed: int | None = None,
     extra_inputs: list[dict[str, torch.Tensor]] | None = None,
+    images: list[list] | None = None,
     progress: bool = False,
     desc: str = "generating",
 ) -> Sequences:
@@ -174,6 +189,10 @@ def sample_responses(
       (e.g. ``{"pixel_values": [1, ...], "image_grid_thw": [1, 3]}``), each tensor with a leading
       dimension of 1; rows of a batch are concatenated along dim 0.  They are kept per row in
       ``Sequences.extra_inputs`` so that :func:`policy_forward` scores the responses with them.
+    - ``images``: optional, prompt g's images (a vision-language policy, :mod:`latentx.vision`): the
+      prompts are encoded by the model's processor (placeholders expanded), the vision tensors become the
+      rows' extra inputs (``pixel_values`` rows, ``image_grid_thw``, per-token ``mm_token_type_ids``), and
+      the image placeholder ids are never sampled (:func:`latentx.vision.suppressed_token_ids`).
     - The model's training flag is restored.
     """
     if not prompts:
@@ -191,7 +210,15 @@ def sample_responses(
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     special = adds_bos(tokenizer, prompts)
-    encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
+    suppress: list[int] = []
+    if images is not None and any(images):
+        from latentx.vision import encode_images, suppressed_token_ids
+
+        encoded, vision_rows = encode_images(tokenizer, prompts, images, add_special_tokens=special)
+        extra_inputs = [{**(extra_inputs[i] if extra_inputs else {}), **row} for i, row in enumerate(vision_rows)]
+        suppress = list(suppressed_token_ids(model))
+    else:
+        encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} tokenises to nothing: {prompts[i][:80]!r}; check the task's prompt format")
@@ -202,6 +229,8 @@ def sample_responses(
                             do_sample=not greedy)
     if not greedy:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if suppress:
+        gen_kwargs["suppress_tokens"] = suppress
     outputs: dict[tuple[int, int], list[int]] = {}
     was_training = model.training
     model.eval()
@@ -218,7 +247,7 @@ def sample_responses(
                 for row, (i, _) in enumerate(batch):
                     input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
                     attention[row, width - len(encoded[i]) :] = 1
-                extra = _stack_extra([extra_inputs[i] for i, _ in batch], device) if extra_inputs else {}
+                extra = _stack_extra([extra_inputs[i] for i, _ in batch], device, width) if extra_inputs else {}
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                      **extra, **gen_kwargs)
                 for job, tokens in zip(batch, out[:, width:].cpu().tolist()):
@@ -283,15 +312,24 @@ def policy_forward(model, seqs: Sequences, want_hidden: bool, want_entropy: bool
     device = next(model.parameters()).device
     ids = seqs.input_ids.to(device)
     mask = seqs.attention_mask.to(device)
+    p, t = seqs.prompt_length, seqs.response_length
+    if seqs.extra_inputs:  # e.g. a VLM: the model derives its (3-D rope) positions from mm_token_type_ids
+        extra = _stack_extra(seqs.extra_inputs, device, p, ids.shape[1])
+    else:
+        extra = {"position_ids": position_ids_from_mask(mask)}
     out = model(
         input_ids=ids,
         attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
         output_hidden_states=want_hidden,
         use_cache=False,
+        **extra,
     )
-    p, t = seqs.prompt_length, seqs.response_length
     logits = out.logits[:, p - 1 : p - 1 + t].float()
+    from latentx.vision import suppressed_token_ids
+
+    suppressed = suppressed_token_ids(model) if seqs.extra_inputs else ()
+    if suppressed:  # the sampler's distribution: placeholder tokens are never sampled
+        logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), -1e30)
     targets = ids[:, p : p + t]
     logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -43,6 +43,7 @@ from latentx.objectives.verl import VerlConfig
 from latentx.reporting import LoggingConfig
 from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
 from latentx.tasks import TaskConfig
+from latentx.vision import save_tokenizer, task_images
 from latentx.warmstart import WarmStartConfig
 
 #: The objective names the trainer runs: the registry itself (iterating gives the names, in order).
@@ -263,7 +264,7 @@ class Trainer:
             else:
                 self.reference = copy.deepcopy(self.model)
                 self.reference.save_pretrained(ref_dir)
-                self.tokenizer.save_pretrained(ref_dir)
+                save_tokenizer(self.tokenizer, ref_dir)  # a VLM's processor too
             self.reference.eval().requires_grad_(False)
 
         self.optimizer = torch.optim.AdamW(
@@ -372,7 +373,7 @@ class Trainer:
         seqs = sample_responses(
             self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            generation_batch_size=cfg.rollout.generation_batch_size,
+            generation_batch_size=cfg.rollout.generation_batch_size, images=task_images(self.task, instances),
         ).to(dev)
         r = cfg.rollout.samples_per_prompt
         rewards = torch.tensor(
@@ -428,7 +429,7 @@ class Trainer:
     def advantages(self, ro: "Rollout") -> tuple[torch.Tensor, dict[str, float]]:
         """GRPO advantages (METHODS.md §0), then the objective's advantage hook (VERL's shaping, §3)."""
         adv = self.objective.advantages(ro.rewards, ro.group)
-        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards)
+        adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards, ro.group)
         return adv, {k: float(v) for k, v in info.items()}
 
     def update(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
@@ -519,6 +520,9 @@ class Trainer:
         start_step = self.step
         if self.checkpoint is not None:
             self.log(f"resuming at step {start_step} from {self.checkpoint}")
+        announce = getattr(self.objective.state, "announce", None)  # an objective's one-line notice (VERL presets)
+        if callable(announce):
+            announce(log=self.log)
         reporter = Reporter(cfg.logging, self.run_dir, start_step=start_step, config=to_dict(cfg),
                             eval_tags=eval_tags(cfg.eval.n, cfg.eval.ks) if cfg.eval.enabled else (), log=self.log)
         with reporter:

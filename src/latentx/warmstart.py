@@ -148,22 +148,45 @@ def warm_start_key(model, tokenizer, task: Task, cfg: WarmStartConfig) -> tuple[
 # --------------------------------------------------------------------------------------------------
 
 
-def _encode_example(tokenizer, prompt: str, solution: str) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer(prompt).input_ids
+def _encode_prompt(tokenizer, prompt: str, images=None) -> tuple[list[int], tuple | None]:
+    """``(prompt_ids, vision)``: ``vision`` is a VLM prompt's extra inputs (:func:`latentx.vision.encode_one`)."""
+    if images:
+        from latentx.vision import encode_one
+
+        return encode_one(tokenizer, prompt, images)
+    return tokenizer(prompt).input_ids, None
+
+
+def _encode_example(tokenizer, prompt: str | tuple, solution: str, images=None) -> tuple[list[int], list[int], tuple | None]:
+    """``(ids, labels, vision)`` of ``prompt + solution + eos``; ``prompt`` may be pre-encoded (``_encode_prompt``)."""
+    prompt_ids, vision = prompt if isinstance(prompt, tuple) else _encode_prompt(tokenizer, prompt, images)
     answer_ids = tokenizer(solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, vision
 
 
-def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in examples)
+def _collate(examples: list[tuple[list[int], list[int], tuple | None]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, target) in enumerate(examples):  # right padding: positions start at 0 for every row
+    vision_rows: dict[str, list] = {}
+    token_types: dict[str, torch.Tensor] = {}
+    for row, (ids, target, vision) in enumerate(examples):  # right padding: positions start at 0 for every row
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(ids)] = torch.tensor(target)
         attention[row, : len(ids)] = 1
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
+        if vision is not None:  # a VLM prompt: its vision tensors, and its per-token fields (0 elsewhere)
+            from latentx.vision import TOKEN_FIELDS
+
+            for key, value in vision.items():
+                if key in TOKEN_FIELDS:
+                    types = token_types.setdefault(key, torch.zeros((len(examples), width), dtype=value.dtype))
+                    types[row, : value.shape[-1]] = value[0]
+                else:
+                    vision_rows.setdefault(key, []).append(value)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention, **token_types}
+    batch.update({k: torch.cat(v) for k, v in vision_rows.items()})
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _lr_at(step: int, cfg: WarmStartConfig) -> float:
@@ -179,6 +202,8 @@ def _sft(model, tokenizer, task: Task, cfg: WarmStartConfig, progress: bool) -> 
 
     instances = task.train_instances(cfg.num_examples, seed=cfg.seed)
     prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
+    images = [task.images(inst) for inst in instances]
+    encoded: dict[int, tuple] = {}
     rng = random.Random(cfg.seed)
     if task.solution(instances[0], random.Random(0)) is None:
         raise ValueError(
@@ -199,7 +224,9 @@ def _sft(model, tokenizer, task: Task, cfg: WarmStartConfig, progress: bool) -> 
                 solution = task.solution(instances[index], rng)  # a fresh draw among the correct solutions
                 if solution is None:
                     raise ValueError(f"task {task.name!r} has no solution for instance {instances[index].id}")
-                batch.append(_encode_example(tokenizer, prompts[index], solution))
+                if index not in encoded:  # the processor runs once per prompt (images are the slow part)
+                    encoded[index] = _encode_prompt(tokenizer, prompts[index], images[index])
+                batch.append(_encode_example(tokenizer, encoded[index], solution))
             inputs = _collate(batch, tokenizer.pad_token_id, device)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, cfg)

@@ -47,6 +47,8 @@ def analyze_cmd(
     method: str = typer.Option("spearman", help="correlation shown in the figure: spearman | pearson"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     quiet: bool = typer.Option(False, help="no progress output"),
+    image_blind: bool = typer.Option(False, help="vision-language models: also run each model with blank images "
+                                     "(the image-blind control)"),
 ) -> None:
     """Latent-dynamics diagnostics: DSD, Koopman spectra, ER / ERV / ERA per response; tables, figures, HTML report."""
     from latentx.analyze.pipeline import AnalysisError, AnalyzeConfig, run_analysis
@@ -58,7 +60,7 @@ def analyze_cmd(
             models=list(model), out=out, task=task, data=data, task_options=options, prompts=prompts, samples=samples,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, dictionaries=list(dictionary),
             stride=stride, m=m, window=window, seed=seed, device=device, batch_size=batch_size, fit_epochs=fit_epochs,
-            examples=examples, method=method,
+            examples=examples, method=method, image_blind=image_blind,
         )
         if threads is not None:
             import torch

@@ -108,6 +108,7 @@ class AnalyzeConfig:
     examples: int = 2
     method: Literal["spearman", "pearson"] = "spearman"
     ci_level: float = 0.95
+    image_blind: bool = False  # also run every model on the same prompts with blank images (VLM control)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -461,6 +462,15 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True, log=print, strict: b
                 dictionary_source=source, progress=progress,
             )
             result.timings["load"] = load_time
+            if cfg.image_blind:  # the image-blind control: same model, prompts and dictionary, blank images
+                from latentx.vision import blank_images
+
+                results.append(result)
+                result = compute_model_signals(
+                    f"{label}-noimage", spec, model, tokenizer, blank_images(task), instances, cfg.samples,
+                    cfg.max_new_tokens, settings, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                    dictionary=dictionary, dictionary_source=source, progress=progress,
+                )
             del model, tokenizer
             gc.collect()
         except Exception as error:  # noqa: BLE001 - one bad model must not lose the others' results

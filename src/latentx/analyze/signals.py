@@ -34,6 +34,7 @@ from latentx import dynamics
 from latentx.objectives.base import per_response_mean
 from latentx.objectives.relax import RelaxConfig
 from latentx.rollout import Sequences, policy_forward, sample_responses
+from latentx.vision import task_images
 from latentx.tasks import Task
 
 __all__ = [
@@ -278,6 +279,7 @@ def _rollout(label: str, model, tokenizer, task, instances: list, samples: int, 
     from tqdm.auto import tqdm
 
     prompts = [task.format_prompt(inst, tokenizer) for inst in instances]
+    images = task_images(task, instances)  # a VLM's prompts carry their images through sampler and forward
     default_correct = type(task).is_correct is Task.is_correct  # reward >= 1: grade each response once
     kept: list[tuple[Tensor, Tensor]] = []
     cols: dict[str, list] = {k: [] for k in ("prompt_index", "sample_index", "length", "entropy", "confidence",
@@ -285,7 +287,8 @@ def _rollout(label: str, model, tokenizer, task, instances: list, samples: int, 
     chunks = _chunks(len(prompts), samples, settings.batch_size)
     for part in tqdm(chunks, desc=f"{label}: sample + forward", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        seqs: Sequences = sample_responses(model, tokenizer, prompts[part], samples, max_new_tokens, temperature, top_p)
+        seqs: Sequences = sample_responses(model, tokenizer, prompts[part], samples, max_new_tokens, temperature, top_p,
+                                           images=images[part] if images else None)
         t1 = time.perf_counter()
         with torch.no_grad():
             fo = policy_forward(model, seqs, want_hidden=True)

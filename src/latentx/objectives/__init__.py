@@ -131,6 +131,18 @@ def _state_attributes() -> set[str]:
     return {spec.state_attribute for spec in REGISTRY.values() if spec.state_attribute}
 
 
+def _takes_context(hook: Any) -> bool:
+    """Whether an advantage hook accepts the keywords ``group`` and ``grpo``."""
+    import inspect
+
+    try:
+        params = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    names = {p.name for p in params}
+    return any(p.kind is p.VAR_KEYWORD for p in params) or {"group", "grpo"} <= names
+
+
 class Objective:
     """One training objective with its configs and cross-step state (METHODS.md §3), read from the registry.
 
@@ -199,15 +211,24 @@ class Objective:
         return group_advantages(rewards, group, eps=self.grpo.advantage_eps, std_normalize=self.grpo.advantage_std)
 
     def shape(
-        self, advantages: Tensor, signals: Mapping[str, Tensor], mask: Tensor, rewards: Tensor | None = None
+        self,
+        advantages: Tensor,
+        signals: Mapping[str, Tensor],
+        mask: Tensor,
+        rewards: Tensor | None = None,
+        group: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The method's advantage hook (once per rollout batch); the advantages unchanged when it has none.
 
-        ``signals`` maps signal names (``er``, ``erv``, ``era``, ``dsd`` ...) to per-response ``[B]`` tensors.
+        ``signals`` maps signal names (``er``, ``erv``, ``era``, ``dsd`` ...) to per-response ``[B]`` tensors;
+        ``group`` (``[B]`` prompt groups) lets a hook re-run GRPO with this objective's ``grpo`` settings.
         """
-        if self.spec.shape_advantages is None:
+        hook = self.spec.shape_advantages
+        if hook is None:
             return advantages, {}
-        return self.spec.shape_advantages(self.state, advantages, signals, mask, rewards)
+        if _takes_context(hook):  # hooks that declare group / grpo (or **kwargs) receive them
+            return hook(self.state, advantages, signals, mask, rewards, group=group, grpo=self.grpo)
+        return hook(self.state, advantages, signals, mask, rewards)
 
     def shape_advantages(
         self,
@@ -217,11 +238,12 @@ class Objective:
         era: Tensor,
         mask: Tensor,
         rewards: Tensor | None = None,
+        group: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """:meth:`shape` with the rank signals given positionally (only for objectives with an advantage hook)."""
         if self.spec.shape_advantages is None:
             raise ValueError(f"shape_advantages is only for objectives with an advantage hook, this one is {self.name!r}")
-        return self.shape(advantages, {"er": er, "erv": erv, "era": era}, mask, rewards)
+        return self.shape(advantages, {"er": er, "erv": erv, "era": era}, mask, rewards, group)
 
     def loss(self, batch: PolicyBatch) -> LossOutput:
         """The loss of one training micro-batch.  Stateful methods may record the micro-batch (the adaptive

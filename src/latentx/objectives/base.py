@@ -351,7 +351,9 @@ class ObjectiveSpec:
         new_state: ``new_state(config, seed) -> state``: the method's per-run state across steps (EMA
             baselines, an adaptive coefficient, a random generator); None = stateless.
         shape_advantages: the advantage hook, ``(state, advantages [B], signals: {name: [B]}, mask [B, T],
-            rewards [B]) -> (advantages [B] or [B, T], info: {name: float})``; None = advantages as given.
+            rewards [B]) -> (advantages [B] or [B, T], info: {name: float})``; a hook that also declares
+            ``group`` and ``grpo`` keywords receives the ``[B]`` prompt groups (or None) and the
+            objective's GRPOConfig; None = advantages as given.
         on_optimizer_step: ``(state) -> {name: float}`` after every optimizer step.
         state_key: key of the state in :meth:`Objective.state_dict` (default: ``name``).
         save_state / load_state: ``(state) -> saved`` and ``(state, saved) -> None`` (default: the

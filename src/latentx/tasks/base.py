@@ -5,6 +5,10 @@ turns one into the text the policy sees (``format_prompt``), and scores a respon
 [0, 1], ``is_correct``).  ``solution`` gives a correct target completion for the supervised warm start
 (``None`` when the task has none).
 
+A task with images gives them per instance (:meth:`Task.images`: ``meta["images"]`` / ``meta["image"]``,
+so a ``FunctionTask`` item ``{"prompt": ..., "answer": ..., "image": "cat.png"}`` is enough); the policy must
+then be a vision-language model (``tiny-vl`` or any model with a ``vision_config``).
+
 Add your own task in a few lines::
 
     from latentx.tasks import FunctionTask, TaskInstance, register_task
@@ -110,9 +114,26 @@ class Task(ABC):
         """A correct completion for ``instance`` (drawn with ``rng`` when there are several), or None."""
         return None
 
+    def images(self, instance: TaskInstance) -> list:
+        """The images of ``instance`` (PIL images, file paths or bytes; see :func:`latentx.vision.open_image`):
+        ``meta["images"]`` or ``[meta["image"]]``, none for a text-only task."""
+        refs = instance.meta.get("images")
+        if refs is None and instance.meta.get("image") is not None:
+            refs = [instance.meta["image"]]
+        if refs is None:
+            return []
+        return list(refs) if isinstance(refs, (list, tuple)) else [refs]
+
     def format_prompt(self, instance: TaskInstance, tokenizer) -> str:
-        """The text the policy is conditioned on (the response follows it directly)."""
+        """The text the policy is conditioned on (the response follows it directly).  An instance with
+        images gets the model's image placeholders (``<image>`` markers in its text place them)."""
         use_chat = self.chat if self.chat is not None else getattr(tokenizer, "chat_template", None) is not None
+        images = self.images(instance)
+        if images:
+            from latentx.vision import format_vision_prompt
+
+            return format_vision_prompt(tokenizer, instance.prompt, len(images), chat=bool(use_chat),
+                                        system=self.system_prompt, where=f"task {self.name!r} instance {instance.id}")
         if use_chat:
             return apply_chat_template(tokenizer, instance.prompt, self.system_prompt)
         return instance.prompt

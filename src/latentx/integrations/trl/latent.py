@@ -29,9 +29,8 @@ from latentx.objectives import (
     grpo_loss,
     kl_cov_loss,
     relax_kl_set,
-    verl_shape,
-    verl_update_baselines,
 )
+from latentx.objectives.verl import verl_step, verl_step_info
 
 __all__ = [
     "AllGather",
@@ -72,11 +71,14 @@ class VerlStep:
     """Result of :func:`verl_rollout_step`.
 
     Attributes:
+        advantages: ``[B_local]`` float32 Â of this process's rows for every token but the bonus token
+            (TRL's advantages, or with ``aux_in_reward`` the re-normalised ones).
         shaped: ``[B_local]`` float32 shaped advantages Â' of this process's rows.
         baselines: the EMA state after this step (identical on every process).
         metrics: python floats over the *gathered* batch (logged under ``latent/``).
     """
 
+    advantages: Tensor
     shaped: Tensor
     baselines: VerlBaselines
     metrics: dict[str, float]
@@ -92,47 +94,57 @@ def verl_rollout_step(
     all_gather: AllGather,
     process_index: int,
     rewards: Tensor | None = None,
+    num_generations: int | None = None,
+    scale_rewards: str = "group",
 ) -> VerlStep:
-    """Gather Â, ER, ERV, ERA of every process, shape with :func:`latentx.objectives.verl_shape`, update the
-    EMA baselines with the *global* batch means (:func:`verl_update_baselines`), slice this process's rows back.
+    """Gather Â, ER, ERV, ERA of every process, run the core :func:`latentx.objectives.verl_step` on the
+    *global* batch (its EMA baselines see the global batch means), slice this process's rows back.
 
     Args:
         advantages, er, erv, era: ``[B_local]`` of this process.
         baselines: the EMA state before this step.
         rewards: ``[B_global]`` rewards of the whole generation batch (already gathered, as TRL's
-            ``_calculate_rewards`` returns them); needed only for ``cfg.performance_scaling``.  NaN entries
-            (unscorable completions) are left out of the mean.
+            ``_calculate_rewards`` returns them).  NaN entries (unscorable completions) are left out of the
+            mean, and keep advantage 0 as in TRL.
+        num_generations, scale_rewards: TRL's group size and normalisation (``"group"``: (r − mean)/(std +
+            1e-4), ``"none"``: r − mean), needed with ``verl.aux_in_reward`` (GRPO re-runs on r + aux).
     """
+    b = cfg.behaviour
     local_size = advantages.shape[0]
     adv_all, er_all, erv_all, era_all = (all_gather(x.detach().float().contiguous()) for x in (advantages, er, erv, era))
-    shaped_all, parts = verl_shape(adv_all, er_all, erv_all, era_all, baselines, cfg)
-    reward_for_mean = None
+    reward_all = unscorable = group = None
     if rewards is not None:
-        finite = torch.isfinite(rewards)
-        mean = rewards[finite].float().mean() if bool(finite.any()) else torch.zeros(())
-        reward_for_mean = torch.where(finite, rewards.float(), mean.to(rewards.device))  # same mean, no NaN
-    new_baselines = verl_update_baselines(baselines, er_all, erv_all, era_all, cfg, reward_for_mean)
-
-    def mean(x: Tensor) -> float:
-        return float(x.float().mean()) if x.numel() else 0.0
-
+        rewards = rewards.detach().float().to(adv_all.device)
+        unscorable = ~torch.isfinite(rewards)
+        mean = rewards[~unscorable].mean() if bool((~unscorable).any()) else torch.zeros((), device=rewards.device)
+        reward_all = torch.where(unscorable, mean, rewards)  # same mean, no NaN
+    if b.aux_in_reward:
+        if scale_rewards not in ("group", "none"):
+            raise ValueError(
+                f"verl.aux_in_reward re-runs TRL's group normalisation on r + aux: scale_rewards must be 'group' or "
+                f"'none', got {scale_rewards!r}"
+            )
+        if num_generations is None or reward_all is None:
+            raise ValueError("verl.aux_in_reward needs the gathered rewards and num_generations")
+        group = torch.arange(adv_all.shape[0], device=adv_all.device) // num_generations
+    out = verl_step(
+        adv_all, er_all, erv_all, era_all, baselines, cfg, reward_all, group,
+        advantage_eps=1e-4, advantage_std=scale_rewards != "none",
+    )
+    base, shaped = out.advantages, out.shaped
+    if unscorable is not None and bool(unscorable.any()) and not b.inert:
+        base, shaped = (torch.where(unscorable, torch.zeros_like(x), x) for x in (base, shaped))
     metrics = {
-        "er_mean": mean(er_all),
-        "erv_mean": mean(erv_all),
-        "era_mean": mean(era_all),
-        "verl/first_step": 1.0 if baselines.steps == 0 else 0.0,
-        "verl/coef": float(parts["coef"]),
-        "verl/bonus_mean": mean(parts["bonus"]),
-        "verl/bonus_frac": mean((parts["bonus"] > 0).float()),
-        "verl/tau_mean": mean(parts["tau"]),
-        "verl/aux_mean": mean(parts["aux"]),
-        "verl/m_er": baselines.er,
-        "verl/m_erv": baselines.erv,
-        "verl/m_era": baselines.era,
-        "verl/reward_ema": baselines.reward_ema,
+        "er_mean": float(er_all.mean()) if er_all.numel() else 0.0,
+        "erv_mean": float(erv_all.mean()) if erv_all.numel() else 0.0,
+        "era_mean": float(era_all.mean()) if era_all.numel() else 0.0,
+        **verl_step_info(out, baselines, prefix="verl/"),
     }
-    shaped = shaped_all[local_rows(process_index, local_size)].to(advantages.device)
-    return VerlStep(shaped=shaped, baselines=new_baselines, metrics=metrics)
+    rows = local_rows(process_index, local_size)
+    return VerlStep(
+        advantages=base[rows].to(advantages.device), shaped=shaped[rows].to(advantages.device),
+        baselines=out.baselines, metrics=metrics,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

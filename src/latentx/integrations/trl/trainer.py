@@ -53,6 +53,7 @@ from latentx.objectives import (
     verl_token_advantages,
 )
 from latentx.objectives.base import valid_only
+from latentx.objectives.verl import log_notice
 
 __all__ = ["LatentGRPOTrainer", "LATENT_STATE_FILE"]
 
@@ -130,6 +131,7 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._capture: _Capture | None = None
         self._gathered_rewards: Tensor | None = None
         self.verl_baselines = VerlBaselines()
+        self._verl_announced = False
         self.koopman: KoopmanOps | None = None
         if isinstance(self.latent_config, RelaxConfig):
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
@@ -343,17 +345,25 @@ class LatentGRPOTrainer(GRPOTrainer):
     def _apply_verl(self, output: dict[str, Any], chunks: dict[str, list[Tensor]], mode: str) -> None:
         cfg = self.latent_config
         assert isinstance(cfg, VerlConfig)
+        behaviour = cfg.behaviour
+        if not self._verl_announced:  # the configuration's one-line notice, once per run (the core's text)
+            log_notice(cfg)
+            self._verl_announced = True
         trl_advantages = output["advantages"]
         er, erv, era = (torch.cat(chunks[k]).to(trl_advantages.device) for k in ("er", "erv", "era"))
         used = self.verl_baselines
+        needs_rewards = cfg.performance_scaling or behaviour.aux_in_reward or behaviour.bf16
         step = verl_rollout_step(
             trl_advantages, er, erv, era, used, cfg, self.accelerator.gather, self.accelerator.process_index,
-            rewards=self._gathered_rewards if cfg.performance_scaling else None,
+            rewards=self._gathered_rewards if needs_rewards else None,
+            num_generations=self.num_generations, scale_rewards=self.scale_rewards,
         )
         self.verl_baselines = step.baselines
-        if cfg.apply_to == "last_token":
+        if behaviour.inert:
+            pass  # TRL's advantages, untouched
+        elif behaviour.apply_to == "last_token":
             mask = output["completion_mask"].bool()
-            output["advantages"] = verl_token_advantages(trl_advantages, step.shaped, mask, "last_token")
+            output["advantages"] = verl_token_advantages(step.advantages, step.shaped, mask, "last_token")
         else:
             output["advantages"] = step.shaped.to(trl_advantages.dtype)
         for name, value in step.metrics.items():

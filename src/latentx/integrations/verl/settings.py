@@ -149,7 +149,7 @@ def settings_to_dict(settings: LatentxSettings) -> dict[str, Any]:
     return {
         "objective": settings.objective,
         "relax": relax,
-        "verl": dataclasses.asdict(settings.verl),
+        "verl": dataclasses.asdict(settings.verl),  # unset §3b options stay None (the preset decides)
         "group_size": settings.group_size,
         "monitor": settings.monitor,
     }

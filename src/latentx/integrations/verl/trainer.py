@@ -29,7 +29,7 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from latentx.integrations.verl.advantage import SHAPING_FIELDS, shape_advantages
+from latentx.integrations.verl.advantage import shape_advantages, shaping_fields
 from latentx.integrations.verl.monitor import MONITOR_FIELDS, monitor_batch_metrics
 from latentx.integrations.verl.settings import LatentxSettings, parse_settings, settings_to_dict
 from latentx.integrations.verl.worker import LatentxActorRolloutRefWorker
@@ -101,9 +101,12 @@ class LatentxPPOTrainerSync(PPOTrainerSync):
             metrics.update(monitor_batch_metrics(data, keep))
         if self.latentx_shaper is None:
             return batch
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(SHAPING_FIELDS))
+        fields = shaping_fields(self.latentx_shaper)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags], dtype=torch.bool)
-        shaped, info = shape_advantages(data, self.latentx_shaper, keep)
+        algorithm = getattr(getattr(self, "config", None), "algorithm", None)
+        norm_by_std = bool(algorithm.get("norm_adv_by_std_in_grpo", True)) if algorithm is not None else True
+        shaped, info = shape_advantages(data, self.latentx_shaper, keep, norm_adv_by_std=norm_by_std)
         output = TensorDict({"advantages": response_to_nested(shaped, data["response_mask"])}, batch_size=len(batch))
         batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
         metrics.update(info)
