@@ -28,7 +28,7 @@ def study_command(
     objectives: Optional[str] = typer.Option(None, help="comma list, e.g. grpo,relax,verl,entropy_bonus,kl_cov"),
     seeds: Optional[str] = typer.Option(None, help="a count N (seeds 0..N-1) or a comma list of seeds"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="study YAML: train sections + a study: section"),
-    preset: Optional[str] = typer.Option(None, help="cpu | cpu-full | cpu-hard | gpu-math (configs/study-<preset>.yaml)"),
+    preset: Optional[str] = typer.Option(None, help="cpu | gpu-math | cpu-full | cpu-hard (configs/study-<preset>.yaml)"),
     workers: Optional[int] = typer.Option(None, help="parallel runs (default: one per available core)"),
     set_: list[str] = typer.Option([], "--set", help="override a field: --set steps=20, --set study.alpha=0.1"),
     tune: list[str] = typer.Option([], "--tune", help="grid for one objective's coefficient: relax.alpha=0.05,0.1,0.2"),

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # the heavy modules (torch) load only when a study runs
     from latentx.trainer import TrainConfig
 
 EVAL_FILE = "study_eval.json"
-PRESETS = ("cpu", "cpu-full", "cpu-hard", "gpu-math")
+PRESETS = ("cpu", "gpu-math", "cpu-full", "cpu-hard")
 #: training signals reported and plotted: (metrics.jsonl key, label)
 SIGNALS = (("reward_mean", "training reward"), ("entropy_mean", "token entropy"), ("dsd_mean", "DSD"),
            ("er_mean", "effective rank"))

@@ -25,12 +25,12 @@ def evaluate_run(cfg: "TrainConfig") -> dict[str, Any]:
     from latentx.checkpoint import latest_checkpoint
     from latentx.models import load_model
     from latentx.tasks import build_task
-    from latentx.trainer import evaluate_held_out
+    from latentx.trainer import _device, evaluate_held_out
 
     checkpoint = latest_checkpoint(cfg.run_dir)
     if checkpoint is None:
         raise StudyError(f"{cfg.run_dir} has no checkpoint to evaluate")
-    model, tokenizer = load_model(str(checkpoint), device=cfg.model.device, dtype=cfg.model.dtype)
+    model, tokenizer = load_model(str(checkpoint), device=str(_device(cfg.model.device)), dtype=cfg.model.dtype)
     task = build_task(cfg.task)
     return _record(lambda: evaluate_held_out(model, tokenizer, task, cfg), cfg.eval.seed)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from latentx.config import atomic_write_text
+from latentx.study.config import SIGNALS
 
 
 
@@ -134,7 +135,9 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
                   f"the minimum detectable difference (MDE) at {power:.0%} power (two-sided paired t, level {s['alpha']}) "
                   f"and the seeds a difference of {target:.3f} (the study's target) would need. A comparison is "
                   f"\"no difference larger than MDE\" only where MDE <= {target:.3f}; otherwise it is \"cannot tell\". "
-                  f"The exact Wilcoxon test cannot give p below {2 / 2 ** n_pairs:.3g} with {n_pairs} seeds.", "",
+                  f"The exact Wilcoxon test cannot give p below {2 / 2 ** n_pairs:.3g} with {n_pairs} seeds. Where the MDE "
+                  "exceeds the target the tests have low power: a non-significant difference there is not evidence "
+                  "that the objectives are equal, only that this study cannot tell them apart.", "",
                   "| objective | metric | sd of difference | MDE | seeds for target | verdict |", "|---|---|---|---|---|---|"]
         for c in comparisons:
             if c["headline"]:

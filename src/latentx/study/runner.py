@@ -38,12 +38,14 @@ def prepare(base: "TrainConfig", out: Path, progress: bool = True) -> dict[str, 
     """Warm-start once (cached for every worker) and evaluate the starting policy once (again only
     when the settings that decide it change).  No :class:`Trainer` is built: the policy is loaded and
     warm-started by :func:`latentx.trainer.initial_policy` and evaluated by the one evaluator."""
+    from latentx.tasks import build_task
     from latentx.trainer import evaluate_held_out, initial_policy
 
     path = out / "start" / "eval.json"
     cfg = _run_config(base, "grpo", base.seed, out / "start")
     identity = {k: v for k, v in to_dict(cfg).items() if k in ("model", "task", "warm_start", "rollout", "eval")}
-    model, tokenizer, task, warm_info = initial_policy(cfg, progress=progress, log=lambda message: None)
+    task = build_task(cfg.task)
+    model, tokenizer, warm_info = initial_policy(cfg, task, progress=progress, log=lambda message: None)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("identity") == identity:
