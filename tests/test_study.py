@@ -263,13 +263,3 @@ def test_study_runs_objective_presets_as_separate_entries(tmp_path):
     cfg = (tmp_path / "s" / "runs" / "verl@enabled" / "s0" / "config.yaml").read_text()
     assert "preset: enabled" in cfg
 
-
-def test_issue14_presets_load():
-    from latentx.study import preset_path
-
-    base, study = load_study_config(preset_path("cpu-full"))
-    assert study.objectives == ["grpo", "relax", "relax@authors", "relax-quantile", "verl", "entropy_bonus", "kl_cov"]
-    assert len({len(v) for v in study.tune.values()}) == 1 and study.target_difference == 0.03
-    assert base.diagnostics.term_grads_every == 10 and base.eval.n == 64
-    hard, _ = load_study_config(preset_path("cpu-hard"))
-    assert hard.task.options["num_operands"] == 4
