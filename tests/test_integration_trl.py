@@ -226,7 +226,7 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
     independent = KoopmanDictionary(
         H0.shape[-1], m=8, seed=0, fit_lr=1e-3, fit_batch_size=4, fit_loss="residual", ridge=1e-3, scaling="mean"
     ).fit(fit_H, fit_mask)
-    torch.testing.assert_close(trainer.koopman.dictionary.weight, independent.weight, atol=0.0, rtol=0.0)
+    torch.testing.assert_close(trainer.koopman.weight, independent.weight, atol=0.0, rtol=0.0)
     assert not torch.equal(independent.weight, KoopmanDictionary(H0.shape[-1], m=8, seed=0).weight)
 
     for step, rec in enumerate(losses):
@@ -256,12 +256,12 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
     assert "latent/relax/xp" in logged and "latent/koopman_fit_loss" in logged
 
     # The fitted dictionary travels with the latent state (checkpoints, resume).
-    fitted = trainer.koopman.dictionary.weight.clone()
+    fitted = trainer.koopman.weight.clone()
     trainer.save_latent_state(str(tmp_path / "state"))
     with torch.no_grad():
-        trainer.koopman.dictionary.weight.zero_()
+        trainer.koopman.weight.zero_()
     trainer.load_latent_state(str(tmp_path / "state"))
-    assert torch.equal(trainer.koopman.dictionary.weight, fitted) and trainer.koopman.fitted
+    assert torch.equal(trainer.koopman.weight, fitted) and trainer.koopman.fitted_
 
 
 def test_verl_two_trl_steps_match_latentx(tiny_dir, tmp_path):
@@ -417,6 +417,41 @@ def test_verl_group_split_over_two_processes_equals_unsplit():
         adv[:local], er[:local], erv[:local], era[:local], base, cfg, lambda t: t, 0, rewards[:local]
     )
     assert local_only.baselines != whole.baselines  # without the gather the EMA would be wrong
+
+
+@pytest.mark.parametrize("preset", ["enabled", "release"])
+def test_verl_presets_over_two_processes_equal_the_core(preset):
+    """TRL takes the same presets: the gathered batch goes through the core step (GRPO re-run on r + aux with
+    TRL's ε = 1e-4 for `enabled`; TRL's advantages untouched for `release`)."""
+    from latentx.objectives.verl import verl_step
+
+    gen = torch.Generator().manual_seed(2)
+    B, local, R = 16, 8, 4
+    rewards = (torch.rand(B, generator=gen) < 0.5).float()
+    group = torch.arange(B) // R
+    adv = group_advantages(rewards, group, eps=1e-4)
+    er = torch.rand(B, generator=gen) * 30
+    erv, era = torch.randn(B, generator=gen), torch.randn(B, generator=gen)
+    cfg = VerlConfig(preset=preset)
+    base = VerlBaselines(er=12.0, erv=0.5, era=-0.2, steps=2, pending_er=11.0, pending_erv=0.4, pending_era=0.1)
+    parts = run_ranks(
+        2,
+        lambda rank, gather: verl_rollout_step(
+            *(x[rank * local : (rank + 1) * local] for x in (adv, er, erv, era)), base, cfg, gather, rank,
+            rewards=rewards, num_generations=R, scale_rewards="group",
+        ),
+    )
+    core = verl_step(adv, er, erv, era, base, cfg, rewards, group, advantage_eps=1e-4)
+    assert torch.equal(torch.cat([p.shaped for p in parts]), core.shaped)
+    assert torch.equal(torch.cat([p.advantages for p in parts]), core.advantages)
+    assert all(p.baselines == core.baselines for p in parts)
+    if preset == "release":
+        assert torch.equal(core.shaped, adv) and torch.equal(core.advantages, adv)
+    else:
+        assert (core.advantages - adv).abs().max() > 1e-2  # aux moved the normalised advantage itself
+    with pytest.raises(ValueError, match="scale_rewards must be 'group' or 'none'"):
+        verl_rollout_step(adv, er, erv, era, base, VerlConfig(preset="enabled"), lambda t: t, 0, rewards=rewards,
+                          num_generations=R, scale_rewards="batch")
 
 
 @pytest.mark.parametrize("kl_set", ["paper", "code"])

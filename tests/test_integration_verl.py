@@ -691,3 +691,19 @@ def test_signals_survive_verls_micro_batch_reordering():
     ref = rank_dynamics(H_ref, mask_ref, stride=s.verl.stride, window=s.verl.window)
     torch.testing.assert_close(per_response_values(merged["latentx_er"]), ref.er.float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(per_response_values(merged["latentx_era"]), ref.era.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_latentx_block_takes_verl_presets():
+    """The shipped latentx block leaves the §3b options unset, so `latentx.verl.preset=...` applies cleanly."""
+    from importlib.resources import files
+
+    from latentx.integrations.verl.settings import parse_settings
+
+    block = OmegaConf.load(str(files("latentx.integrations.verl") / "config" / "latentx_trainer.yaml")).latentx
+    block.objective = "verl"
+    assert parse_settings(block).verl.behaviour == VerlConfig().behaviour
+    block.verl.preset = "enabled"
+    assert parse_settings(block).verl.behaviour == VerlConfig(preset="enabled").behaviour
+    block.verl.dtype = "float32"
+    with pytest.raises(ValueError, match=r"^latentx\.verl\.dtype='float32' contradicts latentx\.verl\.preset='enabled'"):
+        parse_settings(block)

@@ -109,3 +109,33 @@ def test_trainer_summary_uses_the_eval_json_schema(tmp_path):
     flat = headline_metrics(summary["eval"])
     assert flat["mean@2"] == pytest.approx(sum(flat["correct_counts"]) / 6)
     assert "greedy" in saved["warm_start"]["eval"]["benchmarks"]
+
+
+@pytest.mark.parametrize("positions_per_chunk", [None, 3])
+def test_lean_forward_equals_the_reference_forward_with_gradients(tiny, monkeypatch, positions_per_chunk):
+    import latentx.rollout as rollout
+    from latentx.integrations.backbone import find_backbone
+    from latentx.rollout import _keeps_logits, _plain_head, policy_forward, policy_forward_reference
+
+    model, tokenizer = tiny
+    assert _keeps_logits(model) and find_backbone(model) is model.model  # the lean path, not the fallback
+    assert _plain_head(model) is model.lm_head
+    if positions_per_chunk:  # several checkpointed chunks of response positions
+        monkeypatch.setattr(rollout, "SCORE_CHUNK_ELEMENTS", 6 * positions_per_chunk * model.config.vocab_size)
+    seqs = sample_responses(model, tokenizer, PROMPTS, 2, 10, seed=1)
+    results = []
+    for forward in (policy_forward, policy_forward_reference):
+        model.zero_grad(set_to_none=True)
+        out = forward(model, seqs, want_hidden=True, want_entropy=True)
+        mask = seqs.response_mask
+        loss = (out.logp[mask].sum() + out.entropy[mask].sum() + out.hidden[mask].pow(2).sum())
+        loss.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters()]))
+    (lean, lean_grads), (ref, ref_grads) = results
+    assert lean.logp.shape == ref.logp.shape == seqs.response_mask.shape
+    assert torch.allclose(lean.logp, ref.logp, atol=1e-5) and torch.allclose(lean.entropy, ref.entropy, atol=1e-5)
+    assert torch.allclose(lean.hidden, ref.hidden, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lean_grads, ref_grads))
+    no_hidden = policy_forward(model, seqs, want_hidden=False, want_entropy=False)
+    assert no_hidden.hidden is None and torch.allclose(no_hidden.logp, ref.logp.detach(), atol=1e-5)
+    model.zero_grad(set_to_none=True)

@@ -263,3 +263,24 @@ def test_study_runs_objective_presets_as_separate_entries(tmp_path):
     cfg = (tmp_path / "s" / "runs" / "verl@enabled" / "s0" / "config.yaml").read_text()
     assert "preset: enabled" in cfg
 
+
+
+def test_objective_presets_are_separate_objectives(tmp_path):
+    """`verl@paper` and `verl@enabled` run as two objectives of one study (METHODS.md §3b presets)."""
+    import yaml
+
+    base, study = load_study_config(None, TINY + ["steps=2", "study.objectives=grpo,verl@paper,verl@enabled", "study.seeds=1"])
+    out = tmp_path / "study"
+    results = run_study(base, study, out, progress=False)
+    for label, preset in (("verl@paper", "paper"), ("verl@enabled", "enabled")):
+        saved = yaml.safe_load((out / "runs" / label / "s0" / "config.yaml").read_text())
+        assert saved["objective"] == "verl" and saved["verl"]["preset"] == preset
+        assert label in results["summary"]
+    report = (out / "report.md").read_text()
+    assert "| verl@paper |" in report and "| verl@enabled |" in report
+    # tuning keys name the label; a bad preset or a preset on a method without presets is one line
+    StudyConfig(objectives=["grpo", "verl@enabled"], tune={"verl@enabled.coef": "0.5,1"}, validation_seeds=[9])
+    for bad, pattern in ((["grpo", "verl@bogus"], r"verl\.preset must be one of"),
+                         (["grpo", "grpo@paper"], "has no presets")):
+        with pytest.raises(ValueError, match=pattern):
+            StudyConfig(objectives=bad)

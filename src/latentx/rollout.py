@@ -303,37 +303,144 @@ class ForwardOutput:
     hidden: torch.Tensor | None  # [N, T, d] last-layer hidden states (after the final norm)
 
 
+def _model_inputs(seqs: Sequences, device: torch.device) -> dict:
+    ids = seqs.input_ids.to(device)
+    mask = seqs.attention_mask.to(device)
+    inputs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    if seqs.extra_inputs:  # e.g. a VLM: the model derives its (3-D rope) positions from mm_token_type_ids
+        inputs.update(_stack_extra(seqs.extra_inputs, device, seqs.prompt_length, ids.shape[1]))
+    else:
+        inputs["position_ids"] = position_ids_from_mask(mask)
+    return inputs
+
+
+def _suppressed(model, seqs: Sequences) -> tuple[int, ...]:
+    """Token ids the sampler never draws for these sequences (a VLM's image placeholders)."""
+    if not seqs.extra_inputs:
+        return ()
+    from latentx.vision import suppressed_token_ids
+
+    return tuple(suppressed_token_ids(model))
+
+
+def _response_scores(logits: torch.Tensor, targets: torch.Tensor, want_entropy: bool,
+                     suppressed: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π of ``targets`` and the token entropies from response-position ``logits [N, T, V]`` (float32);
+    ``suppressed`` ids get logit -1e30 (the sampler's distribution: they are never sampled)."""
+    from latentx.dynamics import token_entropies
+
+    logits = logits.float()
+    if suppressed:
+        logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), -1e30)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = token_entropies(logits) if want_entropy else torch.zeros_like(logp)
+    return logp, entropy
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+#: Config fields of causal LMs whose logits are more than ``lm_head(h)`` (scaled or soft-capped): for
+#: them the LM head is applied by the model itself (``logits_to_keep``), not chunk by chunk here.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "logit_softcapping")
+
+#: Elements of one chunk of response-position logits (``rows × positions × vocabulary``): 2^24 float32
+#: values = 64 MiB, whatever the vocabulary and response length.
+SCORE_CHUNK_ELEMENTS = 2**24
+
+
+def _plain_head(model):
+    """The LM head when the logits are exactly ``head(last_hidden_state)``, else None."""
+    config = getattr(model, "config", None)
+    if config is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
+def _chunked_scores(head, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool,
+                    suppressed: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_response_scores` of ``head(hidden)``, a few positions at a time: never more than
+    :data:`SCORE_CHUNK_ELEMENTS` logits alive.  With grad, each chunk is checkpointed (its logits are
+    recomputed in the backward pass instead of kept), so the graph holds only the hidden states; when
+    one chunk holds every position nothing is checkpointed (no recomputation for small vocabularies)."""
+    from torch.utils.checkpoint import checkpoint
+
+    n, t = targets.shape
+    step = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * head.out_features))
+
+    def score(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _response_scores(head(h), y, want_entropy, suppressed)
+
+    parts = []
+    for lo in range(0, t, step):
+        h, y = hidden[:, lo : lo + step], targets[:, lo : lo + step]
+        if step < t and torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+            parts.append(checkpoint(score, h, y, use_reentrant=False))
+        else:
+            parts.append(score(h, y))
+    return torch.cat([lp for lp, _ in parts], dim=1), torch.cat([e for _, e in parts], dim=1)
+
+
 def policy_forward(model, seqs: Sequences, want_hidden: bool, want_entropy: bool = True) -> ForwardOutput:
     """One forward of ``model`` over ``seqs``: log-probs, entropies and hidden states of the response.
 
-    Uses ``output_hidden_states=True``; ``hidden_states[-1]`` is the final-layer state after the final
-    norm in Hugging Face causal LMs (METHODS.md §0).  Runs with or without grad, as the caller decides.
+    Lean: the backbone's ``last_hidden_state`` is read by a forward hook, as the TRL and verl adapters
+    read it (:mod:`latentx.integrations.backbone`; ``hidden_states[-1]`` after the final norm, METHODS.md
+    §0), the model's own LM head runs on one position only (``logits_to_keep=1``), and the head is then
+    applied to the ``T`` positions that predict response tokens, a chunk at a time
+    (:func:`_chunked_scores`), so neither every layer's states nor full-sequence logits are ever
+    materialised.  A model whose logits are scaled / soft-capped gets its head from the model
+    (``logits_to_keep=T + 1``); one without a findable backbone or ``logits_to_keep`` goes through
+    :func:`policy_forward_reference`.  Runs with or without grad, as the caller decides.
     """
-    device = next(model.parameters()).device
-    ids = seqs.input_ids.to(device)
-    mask = seqs.attention_mask.to(device)
-    p, t = seqs.prompt_length, seqs.response_length
-    if seqs.extra_inputs:  # e.g. a VLM: the model derives its (3-D rope) positions from mm_token_type_ids
-        extra = _stack_extra(seqs.extra_inputs, device, p, ids.shape[1])
-    else:
-        extra = {"position_ids": position_ids_from_mask(mask)}
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        output_hidden_states=want_hidden,
-        use_cache=False,
-        **extra,
-    )
-    logits = out.logits[:, p - 1 : p - 1 + t].float()
-    from latentx.vision import suppressed_token_ids
+    from latentx.integrations.backbone import find_backbone, last_hidden_state
 
-    suppressed = suppressed_token_ids(model) if seqs.extra_inputs else ()
-    if suppressed:  # the sampler's distribution: placeholder tokens are never sampled
-        logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), -1e30)
-    targets = ids[:, p : p + t]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1) if want_entropy else torch.zeros_like(logp)
+    try:
+        backbone = find_backbone(model)
+    except ValueError:
+        return policy_forward_reference(model, seqs, want_hidden, want_entropy)
+    if not _keeps_logits(model):
+        return policy_forward_reference(model, seqs, want_hidden, want_entropy)
+    device = next(model.parameters()).device
+    inputs = _model_inputs(seqs, device)
+    p, t = seqs.prompt_length, seqs.response_length
+    head = _plain_head(model)
+    captured: list[torch.Tensor] = []
+    handle = backbone.register_forward_hook(lambda m, a, o: captured.append(last_hidden_state(o)))
+    try:
+        out = model(**inputs, logits_to_keep=1 if head is not None else t + 1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise ValueError(f"the backbone of {type(model).__name__} ran {len(captured)} times in one forward; expected once")
+    states = captured[0][:, p - 1 : p - 1 + t]
+    targets = inputs["input_ids"][:, p : p + t]
+    suppressed = _suppressed(model, seqs)
+    if head is not None:
+        logp, entropy = _chunked_scores(head, states, targets, want_entropy, suppressed)
+    else:
+        logp, entropy = _response_scores(out.logits[:, :t], targets, want_entropy, suppressed)
+    return ForwardOutput(logp=logp, entropy=entropy, hidden=states if want_hidden else None)
+
+
+def policy_forward_reference(model, seqs: Sequences, want_hidden: bool, want_entropy: bool = True) -> ForwardOutput:
+    """The plain forward :func:`policy_forward` must equal: ``output_hidden_states=True`` and full-sequence
+    logits, then the last layer and the response positions sliced out (what it computes and throws away
+    is what ``bench/forward.py`` measures)."""
+    device = next(model.parameters()).device
+    inputs = _model_inputs(seqs, device)
+    out = model(**inputs, output_hidden_states=want_hidden)
+    p, t = seqs.prompt_length, seqs.response_length
+    logp, entropy = _response_scores(out.logits[:, p - 1 : p - 1 + t], inputs["input_ids"][:, p : p + t], want_entropy,
+                                     _suppressed(model, seqs))
     hidden = None
     if want_hidden:
         states = getattr(out, "hidden_states", None)

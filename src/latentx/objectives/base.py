@@ -18,6 +18,7 @@ Conventions used by every objective in :mod:`latentx.objectives`:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -41,6 +42,7 @@ __all__ = [
     "register_objective",
     "REGISTRY",
     "objective_spec",
+    "parse_objective_spec",
 ]
 
 #: Log-ratios (log π_θ − log π_old) and KL log-differences are clamped to ±LOG_RATIO_CLAMP before exp(),
@@ -434,3 +436,33 @@ def objective_spec(name: object) -> ObjectiveSpec:
     if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"objective name must be one of {', '.join(REGISTRY)}, got {name!r}")
     return REGISTRY[name]
+
+
+def parse_objective_spec(spec: object) -> tuple[str, list[str]]:
+    """An objective with an optional preset: ``"verl"`` -> ``("verl", [])``, ``"verl@enabled"`` ->
+    ``("verl", ["verl.preset=enabled"])``.
+
+    ``name@preset`` is for methods whose config has a ``preset`` field (VERL: paper / release /
+    enabled); the overrides are ``section.field=value`` strings for :func:`latentx.config.apply_overrides`.
+    A study takes such labels as separate objectives (``--objectives grpo,verl@paper,verl@enabled``).
+    Errors are one line and name the label.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"objective must be a name or name@preset, got {spec!r}")
+    name, sep, preset = spec.strip().partition("@")
+    try:
+        objective = objective_spec(name)
+    except ValueError as err:
+        raise ValueError(f"{err} (in {spec!r})") from None
+    if not sep:
+        return name, []
+    cls = objective.config_class
+    if not preset or "@" in preset:
+        raise ValueError(f"objective {spec!r} must look like name@preset")
+    if cls is None or "preset" not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"objective {name!r} has no presets (in {spec!r})")
+    try:
+        cls(preset=preset)  # the config names the field and its choices
+    except ValueError as err:
+        raise ValueError(f"{err} (in {spec!r})") from None
+    return name, [f"{name}.preset={preset}"]

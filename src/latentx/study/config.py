@@ -80,19 +80,25 @@ class StudyConfig:
             raise ValueError(f"study.level and study.alpha must lie in (0, 1), got {self.level}, {self.alpha}")
         self.tune = {str(k): _grid_values(k, v) for k, v in self.tune.items()}
         sizes: dict[int, list[str]] = {}
+        labels = {label: objective_of(label, self.variants)[0] for label in self.objectives}
         for key in self.tune:
             section = key.split(".", 1)[0]
-            if "." not in key or section not in OBJECTIVES or OBJECTIVES[section].config_class is None:
+            # <objective>.<field> tunes every entry of that objective, each on its own;
+            # <label>.<field> (verl@enabled.coef, a variant's label) tunes that entry only
+            method = labels.get(section, section)
+            if "." not in key or method not in OBJECTIVES or OBJECTIVES[method].config_class is None:
                 raise ValueError(
                     f"study.tune: {key!r} must be <objective>.<field> for a non-GRPO objective "
                     f"(grpo.* settings are shared by every objective, so tuning them is not per objective)"
                 )
-            if section not in {objective_of(label, self.variants)[0] for label in self.objectives}:
+            if section not in labels and section not in labels.values():
                 raise ValueError(f"study.tune: {key!r} tunes {section}, which is not among the study's objectives")
             sizes.setdefault(len(self.tune[key]), []).append(key)
-        tuned = [key.split(".", 1)[0] for key in self.tune]
-        if len(set(tuned)) != len(tuned):
-            raise ValueError(f"study.tune: tune one main coefficient per objective, got {sorted(self.tune)}")
+        for label in self.objectives:
+            specific = [k for k in self.tune if k.split(".", 1)[0] == label and label != labels[label]]
+            generic = [k for k in self.tune if k.split(".", 1)[0] == labels[label]]
+            if len(specific) > 1 or (not specific and len(generic) > 1):
+                raise ValueError(f"study.tune: tune one main coefficient per objective, got {sorted(specific or generic)} for {label}")
         if len(sizes) > 1:
             raise ValueError(
                 "study.tune: every tuned objective must get the same budget (number of grid values); got "
@@ -107,14 +113,19 @@ class StudyConfig:
         if self.baseline not in self.objectives:
             raise ValueError(f"study.baseline {self.baseline!r} must be one of the study's objectives {self.objectives}")
 
-    @property
-    def tuned_objectives(self) -> dict[str, str]:
-        """objective -> its tuned key."""
-        return {key.split(".", 1)[0]: key for key in self.tune}
-
     def tuned_key(self, label: str) -> str | None:
-        """The tuned key that applies to study entry ``label`` (its objective's section), if any."""
-        return self.tuned_objectives.get(objective_of(label, self.variants)[0])
+        """The tuned key that applies to study entry ``label``: ``<label>.<field>`` if the grid names the
+        entry itself, else ``<objective>.<field>`` of its objective; None when the entry is not tuned."""
+        objective = objective_of(label, self.variants)[0]
+        for section in (label, objective):
+            for key in self.tune:
+                if key.split(".", 1)[0] == section:
+                    return key
+        return None
+
+    def tune_override(self, label: str, key: str, value: Any) -> str:
+        """The ``section.field=value`` override that sets tuned ``key`` to ``value`` for entry ``label``."""
+        return f"{objective_of(label, self.variants)[0]}.{key.split('.', 1)[1]}={value}"
 
 
 def _override_list(label: str, value: Any) -> list[str]:
@@ -134,8 +145,6 @@ def objective_of(label: str, variants: dict[str, list[str]] | None = None) -> tu
     - a key of ``study.variants``, e.g. ``relax-quantile: [objective=relax, relax.xi_mode=quantile]``:
       the overrides, which must name the objective (``objective=...``).
     """
-    from dataclasses import fields as dc_fields
-
     from latentx.trainer import OBJECTIVES
 
     variants = variants or {}
@@ -147,16 +156,15 @@ def objective_of(label: str, variants: dict[str, list[str]] | None = None) -> tu
                 f"(known: {', '.join(OBJECTIVES)}), got {variants[label]}"
             )
         return names[0], [o for o in variants[label] if o.split("=", 1)[0].strip() != "objective"]
-    name, _, preset = label.partition("@")
-    if name not in OBJECTIVES:
-        raise ValueError(f"study.objectives: unknown objective {name!r} (known: {', '.join(OBJECTIVES)}"
+    from latentx.objectives import parse_objective_spec
+
+    if label.partition("@")[0] not in OBJECTIVES:
+        raise ValueError(f"study.objectives: unknown objective {label!r} (known: {', '.join(OBJECTIVES)}"
                          + (f"; variants: {', '.join(variants)}" if variants else "") + ")")
-    if not preset:
-        return name, []
-    config_class = OBJECTIVES[name].config_class
-    if config_class is None or "preset" not in {f.name for f in dc_fields(config_class)}:
-        raise ValueError(f"study.objectives: {label!r}: objective {name!r} has no presets")
-    return name, [f"{name}.preset={preset}"]
+    try:
+        return parse_objective_spec(label)
+    except ValueError as err:
+        raise ValueError(f"study.objectives: {err}") from None
 
 
 def _grid_values(key: str, values: Any) -> list[Any]:

@@ -74,7 +74,7 @@ def tune(base: "TrainConfig", study: StudyConfig, out: Path, progress: bool = Tr
         for value in study.tune[key]:
             for seed in study.validation_seeds:
                 run_dir = out / "tune" / label / _tune_value_dir(key, value) / f"s{seed}"
-                cfg = _run_config(base, objective, seed, run_dir, [*variant, *extra, f"{key}={value}"])
+                cfg = _run_config(base, objective, seed, run_dir, [*variant, *extra, study.tune_override(label, key, value)])
                 jobs.append((label, value, seed, Job(f"tune {label} {key}={value} s{seed}", cfg)))
     check_metric(study.tune_metric, jobs[0][3].cfg.eval.n)  # before hours of runs, not after
     ran = len(run_jobs([job for *_, job in jobs], study.workers, "tuning", progress))
@@ -116,7 +116,7 @@ def run_study(base: "TrainConfig", study: StudyConfig, out: str | os.PathLike, p
         objective, extra = objective_of(label, study.variants)
         if choice and label in choice["objectives"]:
             chosen = choice["objectives"][label]
-            extra = [*extra, f"{chosen['key']}={chosen['value']}"]
+            extra = [*extra, study.tune_override(label, chosen["key"], chosen["value"])]
         for seed in study.seeds:
             cfg = _run_config(base, objective, seed, out / "runs" / label / f"s{seed}", extra)
             jobs[label, seed] = Job(f"{label} s{seed}", cfg)

@@ -10,6 +10,7 @@ is theirs, and errors name the full ``latentx.`` path of the field.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -114,8 +115,8 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     try:
         return cls(**values)
     except ValueError as err:  # RelaxConfig / VerlConfig name the field as "relax.x" / "verl.x"
-        message = str(err)
-        raise ValueError(message if message.startswith("latentx.") else f"latentx.{message}") from None
+        message = re.sub(r"(?<![\w.])(relax|verl)\.", r"latentx.\1.", str(err))  # every field named in full
+        raise ValueError(message) from None
 
 
 def parse_settings(config: Any) -> LatentxSettings:
