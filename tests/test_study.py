@@ -284,3 +284,14 @@ def test_objective_presets_are_separate_objectives(tmp_path):
                          (["grpo", "grpo@paper"], "has no presets")):
         with pytest.raises(ValueError, match=pattern):
             StudyConfig(objectives=bad)
+
+
+def test_issue14_presets_load():
+    from latentx.study import preset_path
+
+    base, study = load_study_config(preset_path("cpu-full"))
+    assert study.objectives == ["grpo", "relax", "relax@authors", "relax-quantile", "verl", "entropy_bonus", "kl_cov"]
+    assert len({len(v) for v in study.tune.values()}) == 1 and study.target_difference == 0.03
+    assert base.diagnostics.term_grads_every == 10 and base.eval.n == 64
+    hard, _ = load_study_config(preset_path("cpu-hard"))
+    assert hard.task.options["num_operands"] == 4
