@@ -53,7 +53,8 @@ from latentx.config import ConfigError, atomic_write_text, from_dict, merge_over
 if TYPE_CHECKING:  # the heavy modules (torch) load only when a study runs
     from latentx.trainer import TrainConfig
 
-__all__ = ["StudyConfig", "StudyError", "load_study_config", "run_study", "evaluate_policy", "study_command"]
+__all__ = ["StudyConfig", "StudyError", "load_study_config", "run_study", "evaluate_policy", "evaluate_run",
+           "study_command"]
 
 EVAL_FILE = "study_eval.json"
 PRESETS = ("cpu", "gpu-math")
@@ -214,18 +215,44 @@ def load_study_config(path: str | os.PathLike | None, overrides: list[str] = ())
 # ------------------------------------------------------------------------------------------------
 
 
+def _study_record(evaluation: dict[str, Any], seed: int, start: float) -> dict[str, Any]:
+    from latentx.evaluate import headline_metrics
+
+    try:
+        result = headline_metrics(evaluation)
+    except (ValueError, KeyError) as err:
+        raise StudyError(f"the evaluation has no per-problem correct_counts ({err}); the study needs them for Pass@k") from None
+    result.update(seed=seed, time_s=time.perf_counter() - start)
+    return result
+
+
 def evaluate_policy(trainer) -> dict[str, Any]:
     """``Trainer.evaluate`` of the trainer's current policy as the study's flat record (held-out Mean@1
     greedy, Mean@n, Pass@k and the per-problem ``correct_counts``), with the eval seed and the time it took."""
-    from latentx.evaluate import headline_metrics
-
     start = time.perf_counter()
-    try:
-        result = headline_metrics(trainer.evaluate())
-    except (ValueError, KeyError) as err:
-        raise StudyError(f"the evaluation has no per-problem correct_counts ({err}); the study needs them for Pass@k") from None
-    result.update(seed=trainer.cfg.eval.seed, time_s=time.perf_counter() - start)
-    return result
+    return _study_record(trainer.evaluate(), trainer.cfg.eval.seed, start)
+
+
+def evaluate_run(cfg: "TrainConfig") -> dict[str, Any]:
+    """The study record of a finished run: its latest checkpoint, loaded, through the one evaluator
+    (:func:`latentx.evaluate.held_out_evaluation`, as ``Trainer.evaluate``) — no trainer, optimizer,
+    reference model or training pool is built."""
+    from latentx.checkpoint import latest_checkpoint
+    from latentx.evaluate import held_out_evaluation
+    from latentx.models import load_model
+    from latentx.tasks import build_task
+    from latentx.trainer import _device
+
+    checkpoint = latest_checkpoint(cfg.run_dir)
+    if checkpoint is None:
+        raise StudyError(f"{cfg.run_dir}: no complete checkpoint to evaluate; delete summary.json to train it again")
+    start = time.perf_counter()
+    model, tokenizer = load_model(str(checkpoint), device=str(_device(cfg.model.device)), dtype=cfg.model.dtype)
+    ec, rc = cfg.eval, cfg.rollout
+    evaluation = held_out_evaluation(model, tokenizer, build_task(cfg.task), ec.instances, ec.n, ec.ks,
+                                     ec.temperature, ec.seed, rc.max_new_tokens, top_p=rc.top_p,
+                                     batch_size=rc.generation_batch_size)
+    return _study_record(evaluation, ec.seed, start)
 
 
 def check_metric(name: str, n: int) -> None:
@@ -304,9 +331,8 @@ def _execute(job: Job) -> dict[str, Any]:
             trainer = Trainer(job.cfg, progress=False, log=log)
             trainer.run()
         if not (run_dir / EVAL_FILE).is_file():
-            if trainer is None:  # trained earlier: the latest checkpoint is the final policy
-                trainer = Trainer(job.cfg, progress=False, log=log)
-            result = evaluate_policy(trainer)
+            # just trained: its policy is in memory; trained earlier: the latest checkpoint is the final policy
+            result = evaluate_policy(trainer) if trainer is not None else evaluate_run(job.cfg)
             atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=1))
     except Exception:  # noqa: BLE001 - one failed run must not take the others down
         text = traceback.format_exc()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from latentx import dynamics
-from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from latentx.checkpoint import save_weights, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from latentx.config import atomic_write_text, save_yaml, to_dict
 from latentx.monitor import monitor_metrics
 from latentx.objectives import REGISTRY, Objective
@@ -263,7 +263,7 @@ class Trainer:
                 self.reference, _ = load_model(str(ref_dir), device=str(self.device), dtype=cfg.model.dtype)
             else:
                 self.reference = copy.deepcopy(self.model)
-                self.reference.save_pretrained(ref_dir)
+                save_weights(self.reference, ref_dir)
                 save_tokenizer(self.tokenizer, ref_dir)  # a VLM's processor too
             self.reference.eval().requires_grad_(False)
 
