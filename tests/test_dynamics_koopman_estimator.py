@@ -401,3 +401,19 @@ def test_short_constant_and_padded_nan_inputs_are_finite(dtype, pad_to: int) -> 
     assert torch.isfinite(info.dsd).all() and torch.isfinite(H.grad.float()).all()
     assert torch.isfinite(d.spectrum(H.detach(), mask).eigvals).all()
     assert d.dsd(H[:0], mask[:0]).shape == (0,)
+
+
+def test_refit_schedule_and_installed_weights_round_trip(tmp_path) -> None:
+    H, mask = walk(4, 12, 3, seed=10, dtype=torch.float32), torch.ones(4, 12, dtype=torch.bool)
+    d = KoopmanDictionary(3, m=4)
+    assert d.refit_due(0, 0) and d.refit_due(7, 5)  # never fitted: fit now
+    d.fit(H, mask, step=0)
+    assert d.fitted_step_ == 0 and not d.refit_due(0, 5) and not d.refit_due(3, 5) and d.refit_due(5, 5)
+    assert not d.refit_due(50, 0)  # refit_every = 0: fitted once
+    d.save(tmp_path / "d.safetensors")
+    loaded = KoopmanDictionary.load(tmp_path / "d.safetensors")
+    assert loaded.fitted_step_ == 0 and not loaded.refit_due(0, 5)
+    other = KoopmanDictionary(3, m=4).set_fitted_weight(d.weight.detach() * 2, step=5)
+    assert other.fitted_ and other.fitted_step_ == 5 and torch.equal(other.weight, d.weight * 2)
+    with pytest.raises(ValueError, match=r"weight has shape \[4, 4\]"):
+        other.set_fitted_weight(torch.zeros(4, 4))

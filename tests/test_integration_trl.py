@@ -226,7 +226,7 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
     independent = KoopmanDictionary(
         H0.shape[-1], m=8, seed=0, fit_lr=1e-3, fit_batch_size=4, fit_loss="residual", ridge=1e-3, scaling="mean"
     ).fit(fit_H, fit_mask)
-    torch.testing.assert_close(trainer.koopman.dictionary.weight, independent.weight, atol=0.0, rtol=0.0)
+    torch.testing.assert_close(trainer.koopman.weight, independent.weight, atol=0.0, rtol=0.0)
     assert not torch.equal(independent.weight, KoopmanDictionary(H0.shape[-1], m=8, seed=0).weight)
 
     for step, rec in enumerate(losses):
@@ -256,12 +256,12 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
     assert "latent/relax/xp" in logged and "latent/koopman_fit_loss" in logged
 
     # The fitted dictionary travels with the latent state (checkpoints, resume).
-    fitted = trainer.koopman.dictionary.weight.clone()
+    fitted = trainer.koopman.weight.clone()
     trainer.save_latent_state(str(tmp_path / "state"))
     with torch.no_grad():
-        trainer.koopman.dictionary.weight.zero_()
+        trainer.koopman.weight.zero_()
     trainer.load_latent_state(str(tmp_path / "state"))
-    assert torch.equal(trainer.koopman.dictionary.weight, fitted) and trainer.koopman.fitted
+    assert torch.equal(trainer.koopman.weight, fitted) and trainer.koopman.fitted_
 
 
 def test_verl_two_trl_steps_match_latentx(tiny_dir, tmp_path):

@@ -125,7 +125,7 @@ def test_monitor_metrics_equal_latentx_dynamics(tiny_dir, tmp_path):
         H, mask, entropy = independent_signals(tiny_dir, rec["params"], batch, rows)
         if dictionary is None:  # fitted once, on the first monitored batch, with the relax_* settings
             dictionary = KoopmanDictionary.from_config(RelaxConfig(m=8, fit_batch_size=4), H.shape[-1]).fit(H, mask)
-            monitor_weight = trainer.latent_monitor.koopman.dictionary.weight
+            monitor_weight = trainer.latent_monitor.koopman.weight
             torch.testing.assert_close(monitor_weight, dictionary.weight, atol=1e-5, rtol=1e-4)
         rank = rank_dynamics(H, mask, stride=4, window=512)
         # the rewards of the monitored rows: the task reward of the decoded completions

@@ -153,3 +153,28 @@ def test_config_yaml_records_resolved_signal_scale(tmp_path):
     assert saved["signals"]["auto_scale"] is False
     assert (cfg.run_dir / "plots" / "reward.png").is_file()
     assert json.loads((cfg.run_dir / "summary.json").read_text())["steps"] == 1
+
+
+def test_refit_step_computes_dsd_with_the_new_dictionary_only(tmp_path):
+    """relax.refit_every=1: the second rollout refits, and its DSD comes from the new dictionary alone."""
+    trainer = Trainer(resolve_config(small_config(tmp_path, "relax", "relax.refit_every=1")), progress=False)
+    events: list[tuple[str, int]] = []
+    fit, dsd = trainer._fit_dictionary, trainer._dsd
+
+    def logged_fit(trajectories):
+        out = fit(trajectories)
+        events.append(("fit", id(trainer.dictionary)))
+        return out
+
+    def logged_dsd(hidden, mask):
+        events.append(("dsd", id(trainer.dictionary)))
+        return dsd(hidden, mask)
+
+    trainer._fit_dictionary, trainer._dsd = logged_fit, logged_dsd
+    trainer.train_step()
+    first = trainer.dictionary
+    events.clear()
+    ro = trainer.rollout()  # step 1: refit_due(1, 1)
+    assert trainer.dictionary is not first and trainer.dictionary.fitted_step_ == 1
+    assert events[0][0] == "fit" and all(who == id(trainer.dictionary) for _, who in events), events
+    assert ro.signals["dsd"].shape == (8,) and torch.isfinite(ro.signals["dsd"]).all()

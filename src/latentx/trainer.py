@@ -357,7 +357,8 @@ class Trainer:
         H = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1])) for h, _ in trajectories])
         M = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for _, m in trajectories])
         start = time.perf_counter()
-        self.dictionary = dynamics.KoopmanDictionary.from_config(rc, hidden_size).to(H.device).fit(H, M)
+        self.dictionary = dynamics.KoopmanDictionary.from_config(rc, hidden_size).to(H.device)
+        self.dictionary.fit(H, M, step=self.step)
         self.dictionary.requires_grad_(False)
         return time.perf_counter() - start
 
@@ -390,9 +391,7 @@ class Trainer:
         ref_logp = torch.zeros(n, T, device=dev) if self.reference is not None else None
         entropy = torch.zeros(n, device=dev)
         signals: dict[str, torch.Tensor] = {}
-        refit = self.dictionary is None or (
-            cfg.relax.refit_every > 0 and self.step > 0 and self.step % cfg.relax.refit_every == 0
-        )
+        refit = self.dictionary is None or self.dictionary.refit_due(self.step, cfg.relax.refit_every)
         fit_now = self.needs_dsd and refit
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         t_signals = 0.0

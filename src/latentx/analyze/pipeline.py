@@ -448,6 +448,13 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True, log=print, strict: b
             dictionary, source = _model_dictionary(given, index, spec)
             if dictionary is not None and cfg.m is not None and dictionary.m != cfg.m:
                 notes.append(f"model {label!r}: --m {cfg.m} ignored, its dictionary ({source}) has m = {dictionary.m}")
+            if dictionary is not None:
+                from latentx.dynamics import KoopmanSettings
+
+                own = {k: v for k, v in dictionary.settings.as_dict().items() if v != getattr(KoopmanSettings, k)}
+                if own:  # DSD and spectra use the settings the dictionary was fitted with (METHODS.md §2)
+                    text = ", ".join(f"{k}={v!r}" for k, v in own.items())
+                    notes.append(f"model {label!r}: DSD and spectra use its dictionary's own settings ({text})")
             log(f"[{index + 1}/{len(labels)}] {label}: loading {spec}")
             t0 = time.perf_counter()
             model, tokenizer = load_model(spec, device=cfg.device, dtype="float32", seed=cfg.seed)

@@ -377,7 +377,8 @@ class KoopmanDictionary(nn.Module):
 
     Attributes after :meth:`fit`: ``loss_history_`` (one float per optimiser step), ``steps_`` (Adam steps),
     ``skipped_steps_`` (mini-batches skipped: no snapshot pair, or a non-finite loss / gradient),
-    ``n_trajectories_`` (trajectories seen, epochs included), ``fitted_`` (True after ``fit`` or ``load``),
+    ``n_trajectories_`` (trajectories seen, epochs included), ``fitted_`` (True after ``fit``, ``load`` or
+    :meth:`set_fitted_weight`), ``fitted_step_`` (the training step of that fit, for :meth:`refit_due`),
     ``fit_params_`` (the fit's settings, in the old key names: lr, batch_size, epochs, loss, ridge, scaling).
     """
 
@@ -416,6 +417,7 @@ class KoopmanDictionary(nn.Module):
         self.skipped_steps_ = 0
         self.n_trajectories_ = 0
         self.fitted_ = False
+        self.fitted_step_: int | None = None
         self.fit_params_: dict = {}
 
     @property
@@ -490,14 +492,33 @@ class KoopmanDictionary(nn.Module):
             raise ValueError(f"{what}: no response has 2 valid tokens (a snapshot pair) to fit the dictionary on")
         return X, lengths
 
-    def fit(self, H: Tensor, mask: Tensor, progress: bool = False) -> "KoopmanDictionary":
+    def refit_due(self, step: int, refit_every: int) -> bool:
+        """The one fit schedule (METHODS.md section 2; ``RelaxConfig.refit_every``): fit when not fitted yet,
+        then every ``refit_every`` steps (0 = never again), never twice at the step it was fitted at."""
+        if not self.fitted_:
+            return True
+        return refit_every > 0 and step != self.fitted_step_ and step % refit_every == 0
+
+    def set_fitted_weight(self, weight: Tensor, step: int | None = None) -> "KoopmanDictionary":
+        """Install a W fitted elsewhere (another process's fit, broadcast); marks the dictionary fitted."""
+        if tuple(weight.shape) != (self.m, self.hidden_size):
+            raise ValueError(f"weight has shape {list(weight.shape)}, the dictionary needs [{self.m}, {self.hidden_size}]")
+        with torch.no_grad():
+            self.weight.copy_(weight.to(device=self.weight.device, dtype=self.weight.dtype))
+        self.fitted_, self.fitted_step_ = True, step
+        return self
+
+    def fit(
+        self, H: Tensor, mask: Tensor, progress: bool = False, step: int | None = None
+    ) -> "KoopmanDictionary":
         """Learn W on trajectories ``H[B, T, d]`` (METHODS.md section 2 "Learning W", 3a); returns ``self``.
 
         W starts from its initial draw; Adam (``fit_lr``) on W; each of ``fit_epochs`` passes visits the B
         trajectories once in mini-batches of ``fit_batch_size`` (shuffled with the dictionary's seed), and
         minimises :meth:`fit_objective` of each mini-batch.  A mini-batch with no snapshot pair or a
         non-finite loss / gradient is skipped (counted in ``skipped_steps_``).  B = 0, no valid token, or
-        (masked) no snapshot pair at all: ``ValueError``.
+        (masked) no snapshot pair at all: ``ValueError``.  ``step``: the training step of this fit, recorded as
+        ``fitted_step_`` for :meth:`refit_due` (saved with the dictionary).
         """
         s = self.settings
         X, lengths = self._fit_data(H.detach(), mask, "fit")
@@ -525,7 +546,7 @@ class KoopmanDictionary(nn.Module):
             self.weight.requires_grad_(trainable)
             self.weight.grad = None
         self.n_trajectories_ = int(X.shape[0]) * s.fit_epochs
-        self.fitted_ = True
+        self.fitted_, self.fitted_step_ = True, step
         self.fit_params_ = dict(
             lr=float(s.fit_lr), batch_size=s.fit_batch_size, epochs=s.fit_epochs, loss=s.fit_loss,
             ridge=float(s.ridge), scaling=s.scaling,
@@ -592,6 +613,7 @@ class KoopmanDictionary(nn.Module):
             settings=self.settings.as_dict(),
             init=self.init_scheme,
             fitted=self.fitted_,
+            fitted_step=self.fitted_step_,
             steps=self.steps_,
             skipped_steps=self.skipped_steps_,
             n_trajectories=self.n_trajectories_,
@@ -664,6 +686,7 @@ class KoopmanDictionary(nn.Module):
         dictionary.fit_params_ = meta["fit_params"]
         dictionary.loss_history_ = meta["loss_history"]
         dictionary.fitted_ = bool(meta.get("fitted", True))
+        dictionary.fitted_step_ = meta.get("fitted_step")
         if expect is not None:
             dictionary.check_compatible(expect, source=f"the Koopman dictionary {path}")
         return dictionary.to(device)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from latentx.dynamics import rank_dynamics
-from latentx.integrations.trl.koopman import KoopmanOps
+from latentx.dynamics import KoopmanDictionary, rank_dynamics
+from latentx.integrations.trl.koopman import fit_on_main_process
 from latentx.monitor import monitor_metrics
 from latentx.objectives import RelaxConfig, VerlConfig, per_response_mean
 
@@ -57,7 +57,7 @@ class RolloutMonitor:
         every: monitor every this many optimizer steps when the monitor runs its own forward.
         fraction: fraction of the local batch that forward runs on.
         seed: seed of the row sampling (with the step number).
-        koopman: a dictionary holder to share (the ``relax`` objective's); None = the monitor's own.
+        koopman: a Koopman estimator to share (the ``relax`` objective's); None = the monitor's own.
     """
 
     def __init__(
@@ -68,26 +68,28 @@ class RolloutMonitor:
         every: int,
         fraction: float,
         seed: int = 0,
-        koopman: KoopmanOps | None = None,
+        koopman: KoopmanDictionary | None = None,
     ) -> None:
         self.stride, self.window = verl.stride, verl.window
         self.every, self.fraction, self.seed = every, fraction, seed
-        self.koopman = koopman if koopman is not None else KoopmanOps(relax, hidden_size)
+        if koopman is None:
+            koopman = KoopmanDictionary.from_config(relax, hidden_size).requires_grad_(False)
+        self.koopman = koopman
 
     def due(self, global_step: int) -> bool:
         """Whether the monitor runs its own forward on this step's batch."""
-        return not self.koopman.fitted or global_step % self.every == 0
+        return not self.koopman.fitted_ or global_step % self.every == 0
 
     def sample_rows(self, local_size: int, global_step: int) -> Tensor | None:
         """Sorted local rows for the monitor's own forward (None = all: fraction 1 or the fit step)."""
-        if not self.koopman.fitted or self.fraction >= 1.0:
+        if not self.koopman.fitted_ or self.fraction >= 1.0:
             return None
         count = min(local_size, max(2, math.ceil(self.fraction * local_size)))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + global_step)
         return torch.randperm(local_size, generator=generator)[:count].sort().values
 
     def begin(self, rows: Tensor | None) -> MonitorBatch:
-        return MonitorBatch(rows=rows, fit_now=not self.koopman.fitted)
+        return MonitorBatch(rows=rows, fit_now=not self.koopman.fitted_)
 
     def on_chunk(self, batch: MonitorBatch, H: Tensor, mask: Tensor) -> None:
         """Reduce one chunk of completion states ``H [b, C, d]`` (no grad) to per-response signals."""
@@ -124,12 +126,10 @@ class RolloutMonitor:
         metrics: dict[str, float] = {}
         if batch.fit_now:
             H = torch.cat(batch.kept_H)
-            if not self.koopman.fitted:  # a shared (relax) dictionary may have been fitted on this batch already
+            if not self.koopman.fitted_:  # a shared (relax) dictionary may have been fitted on this batch already
+                loss = fit_on_main_process(self.koopman, H, mask.cpu(), global_step, accelerator)
                 if accelerator.is_main_process:
-                    metrics["monitor/koopman_fit_loss"] = self.koopman.fit(H, mask.cpu(), global_step)
-                else:
-                    self.koopman.mark_fitted(global_step)
-                self.koopman.broadcast_from_main(accelerator)
+                    metrics["monitor/koopman_fit_loss"] = loss
             batch.dsd = [self.koopman.dsd(H.to(device), mask.to(device)).float()]
             batch.kept_H = []
         local = {

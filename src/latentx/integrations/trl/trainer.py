@@ -29,7 +29,7 @@ from torch import Tensor
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from latentx.dynamics import rank_dynamics
+from latentx.dynamics import KoopmanDictionary, rank_dynamics
 from latentx.integrations.trl.capture import capture_completion_states, find_backbone
 from latentx.integrations.trl.config import LatentGRPOConfig
 from latentx.integrations.trl.latent import (
@@ -41,7 +41,7 @@ from latentx.integrations.trl.latent import (
     relax_rollout_plan,
     verl_rollout_step,
 )
-from latentx.integrations.trl.koopman import KoopmanOps
+from latentx.integrations.trl.koopman import fit_on_main_process, load_saved_dictionary
 from latentx.integrations.trl.monitor import MonitorBatch, RolloutMonitor
 from latentx.objectives import (
     KLCovConfig,
@@ -132,10 +132,12 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._gathered_rewards: Tensor | None = None
         self.verl_baselines = VerlBaselines()
         self._verl_announced = False
-        self.koopman: KoopmanOps | None = None
+        #: The Koopman estimator (METHODS.md §2), built once from the RelaxConfig; W frozen between fits.
+        self.koopman: KoopmanDictionary | None = None
         if isinstance(self.latent_config, RelaxConfig):
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
-            self.koopman = KoopmanOps(self.latent_config, hidden_size)
+            self.koopman = KoopmanDictionary.from_config(self.latent_config, hidden_size).requires_grad_(False)
+            self.koopman.to(self.accelerator.device)
         self.latent_monitor: RolloutMonitor | None = None
         if args.latent_monitor:
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
@@ -226,7 +228,9 @@ class LatentGRPOTrainer(GRPOTrainer):
             return super()._generate_and_score_completions(inputs)
 
         chunks: dict[str, list[Tensor]] = {"er": [], "erv": [], "era": [], "dsd": [], "H": [], "mask": []}
-        fit_now = self.koopman is not None and self.koopman.needs_fit(self.state.global_step)
+        fit_now = self.koopman is not None and self.koopman.refit_due(
+            self.state.global_step, self.latent_config.refit_every
+        )
         capture = _Capture(keep_states=False, reduce=lambda H, mask: self._reduce_rollout_chunk(H, mask, chunks, fit_now))
         monitored = self._monitor_capture(capture, rows=None)
         trl_forward = self._trl_runs_old_logp_forward()
@@ -400,14 +404,9 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._record("relax_rollout", dsd=dsd, output=output, fit_states=fit_states)
 
     def _fit_koopman(self, H: Tensor, mask: Tensor, mode: str) -> None:
-        """Fit the dictionary on process 0's share of the batch and broadcast it (METHODS.md §2)."""
+        """Fit a fresh dictionary on process 0's share of the batch and broadcast W (METHODS.md §2)."""
         assert self.koopman is not None
-        if self.accelerator.is_main_process:
-            loss = self.koopman.fit(H, mask, self.state.global_step)
-        else:
-            loss = float("nan")
-            self.koopman.mark_fitted(self.state.global_step)
-        self.koopman.broadcast_from_main(self.accelerator)
+        loss = fit_on_main_process(self.koopman, H, mask, self.state.global_step, self.accelerator)
         self._metrics[mode]["latent/koopman_fit_loss"].append(loss)
 
     # ------------------------------------------------------------------------------------------
@@ -535,10 +534,10 @@ class LatentGRPOTrainer(GRPOTrainer):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, LATENT_STATE_FILE), "w") as fh:
             json.dump(self.latent_state_dict(), fh)
-        if self.koopman is not None and self.koopman.fitted:
+        if self.koopman is not None and self.koopman.fitted_:
             self.koopman.save(os.path.join(directory, _KOOPMAN_FILE))
         monitor = self.latent_monitor
-        if monitor is not None and monitor.koopman is not self.koopman and monitor.koopman.fitted:
+        if monitor is not None and monitor.koopman is not self.koopman and monitor.koopman.fitted_:
             monitor.koopman.save(os.path.join(directory, _MONITOR_KOOPMAN_FILE))
 
     def load_latent_state(self, directory: str) -> None:
@@ -547,12 +546,14 @@ class LatentGRPOTrainer(GRPOTrainer):
             raise FileNotFoundError(f"{path} does not exist (not a LatentGRPOTrainer checkpoint?)")
         with open(path) as fh:
             self.load_latent_state_dict(json.load(fh))
-        if self.koopman is not None:
-            self.koopman.load(os.path.join(directory, _KOOPMAN_FILE))
+        if self.koopman is not None:  # resume: no refit on the first rollout unless the schedule says so
+            self.koopman = load_saved_dictionary(os.path.join(directory, _KOOPMAN_FILE), like=self.koopman)
         monitor = self.latent_monitor
-        if monitor is not None and monitor.koopman is not self.koopman:
-            if os.path.exists(os.path.join(directory, _MONITOR_KOOPMAN_FILE)):
-                monitor.koopman.load(os.path.join(directory, _MONITOR_KOOPMAN_FILE))
+        if monitor is not None:
+            if self.koopman is not None:
+                monitor.koopman = self.koopman  # shared with the relax objective
+            elif os.path.exists(os.path.join(directory, _MONITOR_KOOPMAN_FILE)):
+                monitor.koopman = load_saved_dictionary(os.path.join(directory, _MONITOR_KOOPMAN_FILE), monitor.koopman)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

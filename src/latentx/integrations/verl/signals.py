@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from latentx.integrations.backbone import find_backbone, last_hidden_state
 
-from latentx.dynamics import KoopmanDictionary, rank_dynamics
-from latentx.objectives import RelaxConfig, VerlConfig
+from latentx.dynamics import rank_dynamics
+from latentx.objectives import VerlConfig
 
 __all__ = [
     "SIGNAL_KEYS",
@@ -37,7 +37,6 @@ __all__ = [
     "packed_hidden_states",
     "response_trajectories",
     "rank_signals",
-    "relax_dsd",
     "per_response_nested",
     "padded_field",
     "response_layout",
@@ -145,11 +144,6 @@ def rank_signals(H: Tensor, mask: Tensor, cfg: VerlConfig) -> dict[str, Tensor]:
     with torch.no_grad():
         out = rank_dynamics(H.detach(), mask, stride=cfg.stride, window=cfg.window)
     return {"latentx_er": out.er.float(), "latentx_erv": out.erv.float(), "latentx_era": out.era.float()}
-
-
-def relax_dsd(H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, cfg: RelaxConfig) -> Tensor:
-    """DSD of each response (METHODS.md §2) via :func:`latentx.dynamics.dsd`; keeps the gradient of ``H``."""
-    return dictionary.dsd(H, mask)  # the dictionary was built from ``cfg`` (KoopmanDictionary.from_config)
 
 
 def padded_field(field: Tensor, batch: int, width: int) -> Tensor:

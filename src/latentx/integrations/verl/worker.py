@@ -36,7 +36,6 @@ from latentx.integrations.verl.signals import (
     packed_hidden_states,
     per_response_nested,
     rank_signals,
-    relax_dsd,
     response_trajectories,
 )
 
@@ -46,7 +45,11 @@ logger = logging.getLogger(__name__)
 
 
 class DictionaryState:
-    """The frozen Koopman dictionary of one actor process, its first-step fit sample, and its sharing."""
+    """One actor process's frozen Koopman estimator, its first-step fit sample, and its sharing across ranks.
+
+    Distribution plumbing only: the dictionary is :meth:`KoopmanDictionary.from_config` of the run's RelaxConfig,
+    fitted by its own ``fit`` and queried by its own ``dsd`` (no Koopman hyper-parameter is handled here).
+    """
 
     def __init__(self, settings: LatentxSettings) -> None:
         self.settings = settings
@@ -121,11 +124,9 @@ class DictionaryState:
         return True
 
     def _install(self, weight: Tensor) -> None:
-        dictionary = KoopmanDictionary.from_config(self.settings.relax, int(weight.shape[1]))
-        with torch.no_grad():
-            dictionary.weight.copy_(weight.float().cpu())
-        dictionary.requires_grad_(False)  # frozen after the fit: gradient flows into H only
-        self.dictionary = dictionary.to(weight.device)
+        dictionary = KoopmanDictionary.from_config(self.settings.relax, int(weight.shape[1])).to(weight.device)
+        dictionary.set_fitted_weight(weight.float())
+        self.dictionary = dictionary.requires_grad_(False)  # frozen after the fit: gradient flows into H only
 
 
 def _rank() -> int:
@@ -190,7 +191,7 @@ class LatentxEngineHook:
             if self.settings.needs_dsd:
                 if self.state.dictionary is None:
                     raise RuntimeError("latentx relax: the Koopman dictionary is not fitted before the actor update")
-                model_output["latentx_dsd"] = relax_dsd(H, mask, self.state.dictionary, self.settings.relax)
+                model_output["latentx_dsd"] = self.state.dictionary.dsd(H, mask)  # with grad (METHODS.md §2)
             return model_output
         with torch.no_grad():
             if self.settings.emits_rank_signals:
@@ -198,7 +199,7 @@ class LatentxEngineHook:
                     model_output[key] = per_response_nested(value)
             if self.settings.needs_dictionary:
                 if self.state.dictionary is not None:
-                    value = relax_dsd(H.detach(), mask, self.state.dictionary, self.settings.relax)
+                    value = self.state.dictionary.dsd(H.detach(), mask)
                     model_output["latentx_dsd"] = per_response_nested(value)
                 else:
                     self.state.collect(H, mask)
