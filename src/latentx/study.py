@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 import yaml
 
-from latentx.config import ConfigError, atomic_write_text, from_dict, merge_overrides, to_dict
+from latentx.config import ConfigError, atomic_write_text, from_dict, load_yaml_data, merge_overrides, to_dict
 
 if TYPE_CHECKING:  # the heavy modules (torch) load only when a study runs
     from latentx.trainer import TrainConfig
@@ -191,14 +191,7 @@ def load_study_config(path: str | os.PathLike | None, overrides: list[str] = ())
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = load_yaml_data(path)  # the study YAML is a train config plus a `study:` section
     data = merge_overrides(data, overrides)
     study_data = data.pop("study", None) or {}
     where = f"{path}: " if path is not None else ""
