@@ -22,11 +22,12 @@ from latentx.integrations.trl.capture import capture_completion_states, find_bac
 from latentx.integrations.trl.config import FLATTENED_SECTIONS  # noqa: E402
 from latentx.integrations.trl.latent import (  # noqa: E402
     group_ids,
-    relax_group_shares,
+    relax_microbatch_share,
     relax_rollout_plan,
     verl_rollout_step,
 )
 from latentx.models import build_tiny_model  # noqa: E402
+from latentx.objectives.base import k3_kl, per_response_mean, valid_only  # noqa: E402
 from latentx.objectives import (  # noqa: E402
     GRPOConfig,
     KLCovConfig,
@@ -457,10 +458,13 @@ def test_verl_presets_over_two_processes_equal_the_core(preset):
 @pytest.mark.parametrize("kl_set", ["paper", "code"])
 def test_relax_group_split_over_processes_and_microbatches_equals_unsplit(kl_set):
     gen = torch.Generator().manual_seed(1)
-    B, world, local, micro = 12, 2, 6, 2  # groups of 4; group 1 spans both processes; 2 micro-batches each
+    B, T, world, local, micro = 12, 5, 2, 6, 2  # groups of 4; group 1 spans both processes; 2 micro-batches each
     adv = torch.randn(B, generator=gen)
     dsd_leaf = (torch.rand(B, generator=gen) * 2).requires_grad_(True)  # the update forward's DSD_i
-    kl_leaf = torch.rand(B, generator=gen).requires_grad_(True)  # KL_i of the update forward
+    logp_leaf = (-torch.rand(B, T, generator=gen)).requires_grad_(True)  # the update forward's log-probs
+    ref = logp_leaf.detach() + 0.3 * torch.randn(B, T, generator=gen)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[::3, 3:] = False
     group = torch.arange(B) // 4
     cfg = RelaxConfig(xi=1.0, kl_set=kl_set, alpha=0.1, beta=0.01)
 
@@ -468,34 +472,38 @@ def test_relax_group_split_over_processes_and_microbatches_equals_unsplit(kl_set
     in_set = relax_kl_set(adv, dsd_leaf, cfg.xi, kl_set)
     assert 0 < int(in_set.sum()) < B
     xp = exploration_term(adv, dsd_leaf, group, "group", detach=in_set if kl_set == "code" else None)
-    kl = (kl_leaf * in_set).sum() / in_set.sum()
+    kl_i = per_response_mean(k3_kl(valid_only(logp_leaf, mask), valid_only(ref, mask)), mask)
+    kl = (kl_i * in_set).sum() / in_set.sum()
     (cfg.alpha * xp + cfg.beta * kl).backward()
-    expected_dsd_grad, expected_kl_grad = dsd_leaf.grad.clone(), kl_leaf.grad.clone()
-    dsd_leaf.grad = kl_leaf.grad = None
+    expected_dsd_grad, expected_logp_grad = dsd_leaf.grad.clone(), logp_leaf.grad.clone()
+    dsd_leaf.grad = logp_leaf.grad = None
 
     # Split: rollout plan per process (gather, slice), then shuffled micro-batches as TRL runs them.
+    lengths = mask.sum(1)
+
     def rank_fn(rank, gather):
         rows = slice(rank * local, (rank + 1) * local)
-        return relax_rollout_plan(adv[rows], dsd_leaf[rows].detach(), group_ids(rank, local, 4), cfg, gather, rank)
+        return relax_rollout_plan(
+            adv[rows], dsd_leaf[rows].detach(), group_ids(rank, local, 4), cfg, gather, rank, lengths=lengths[rows]
+        )
 
     plans = run_ranks(world, rank_fn)
     total, values = torch.zeros(()), []
     for rank, plan in enumerate(plans):
-        assert plan.xp == pytest.approx(xp.item(), abs=1e-6) and plan.set_size == int(in_set.sum())
+        assert plan.xp == pytest.approx(xp.item(), abs=1e-6) and plan.totals.in_set == int(in_set.sum())
         order = torch.randperm(local, generator=gen) + rank * local
         for mb in order.chunk(micro):
             idx = mb - rank * local
-            xp_share, kl_share = relax_group_shares(
-                dsd_leaf[mb], kl_leaf[mb], plan.dsd_weight[idx], plan.dsd_rollout[idx], plan.in_set[idx],
-                plan.xp, plan.set_size, num_shares=world * micro,
+            share = relax_microbatch_share(
+                adv[mb], dsd_leaf[mb], group[mb], mask[mb], plan.in_set[idx], plan.group_lse[idx],
+                plan.group_count[idx], plan.totals, cfg, num_shares=world * micro, logp=logp_leaf[mb], ref_logp=ref[mb],
             )
-            term = cfg.alpha * xp_share + cfg.beta * kl_share
-            values.append(term.item())
-            total = total + term / micro / world  # ÷ gradient accumulation, DDP mean over processes
+            values.append(share.loss.item())
+            total = total + share.loss / micro / world  # ÷ gradient accumulation, DDP mean over processes
     total.backward()
     assert sum(values) / len(values) == pytest.approx((cfg.alpha * xp + cfg.beta * kl).item(), abs=1e-6)
     torch.testing.assert_close(dsd_leaf.grad, expected_dsd_grad, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(kl_leaf.grad, expected_kl_grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(logp_leaf.grad, expected_logp_grad, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.slow

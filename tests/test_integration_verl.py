@@ -693,6 +693,48 @@ def test_signals_survive_verls_micro_batch_reordering():
     torch.testing.assert_close(per_response_values(merged["latentx_era"]), ref.era.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["paper", "authors"])
+def test_relax_terms_with_the_driver_plan_equal_unsplit_for_any_split_and_two_ranks(preset):
+    """The driver's plan (relax_plan_fields) makes 1, 2, 4 micro-batches and 2 ranks (dp_size = 2, FSDP mean)
+    give the unsplit loss and gradient, with groups split across micro-batches (issue 17)."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, R = 12, 6, 3
+    cfg = RelaxConfig(preset=preset, alpha=0.4, beta=0.6, xi_mode="quantile", xi=0.3, lme_scope="group")
+    lengths = torch.randint(2, T + 1, (B,), generator=gen)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    adv = torch.randn(B, 1, generator=gen).expand(B, T) * mask
+    dsd0 = torch.rand(B, generator=gen) * 3
+    logp0 = -torch.rand(B, T, generator=gen)
+    ref = logp0 + 0.3 * torch.randn(B, T, generator=gen)
+    uids = [f"u{i // R}" for i in range(B)]
+    fields, _ = vloss.relax_plan_fields(adv, mask, dsd0, uids, cfg, length_norm=T)
+    tokens = int(mask.sum())
+
+    def run(chunks, dp_size=1):
+        d, lp = dsd0.clone().requires_grad_(True), logp0.clone().requires_grad_(True)
+        total = 0.0
+        for rows in chunks:
+            plan = {k[len("latentx_"):]: v[rows] for k, v in fields.items()}
+            plan["in_set"] = plan["in_set"] > 0.5
+            loss, _ = vloss.relax_terms(d[rows], adv[rows], vloss.group_ids([uids[i] for i in rows.tolist()], d.device),
+                                        lp[rows], ref[rows], mask[rows], cfg, dp_size, B, R, tokens, plan)
+            total = total + loss
+        (total / dp_size).backward()  # FSDP averages the ranks' gradients
+        return float(total / dp_size), torch.cat([d.grad, lp.grad.flatten()])
+
+    perm = torch.randperm(B, generator=gen)
+    value, grad = run([torch.arange(B)])
+    for chunks, dp in ((list(perm.chunk(2)), 1), (list(perm.chunk(4)), 1), (list(perm.chunk(2)), 2)):
+        v, g = run(chunks, dp)
+        assert v == pytest.approx(value, rel=1e-6)
+        assert float((g - grad).norm()) <= 1e-6 * float(grad.norm())
+    # and the unsplit value is relax_loss's latent part on the whole batch
+    batch = PolicyBatch(logp=logp0, old_logp=logp0, mask=mask, advantages=adv[:, 0], group=torch.arange(B) // R,
+                        ref_logp=ref, dsd=dsd0)
+    out = relax_loss(batch, cfg, GRPOConfig())
+    assert value == pytest.approx(float(out.parts["xp"] + out.parts["kl"]), rel=1e-6)
+
+
 def test_latentx_block_takes_verl_presets():
     """The shipped latentx block leaves the §3b options unset, so `latentx.verl.preset=...` applies cleanly."""
     from importlib.resources import files

@@ -121,8 +121,12 @@ def test_kl_coef_without_reference_is_an_error() -> None:
 def test_grpo_config_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"grpo\.clip_low must be >= 0"):
         GRPOConfig(clip_low=-0.1)
-    with pytest.raises(ValueError, match=r"grpo\.clip_low must be < 1"):
-        GRPOConfig(clip_low=1.0)
+    # clip_low = 1 (ratio clipped below at 0) is the ReLaX authors' range [0, 2] (issue 17): allowed now.
+    assert GRPOConfig(clip_low=1.0).clip_low == 1.0
+    with pytest.raises(ValueError, match=r"grpo\.clip_low must be <= 1"):
+        GRPOConfig(clip_low=1.5)
+    with pytest.raises(ValueError, match=r"grpo\.dual_clip"):
+        GRPOConfig(dual_clip=0.5)
     with pytest.raises(ValueError, match=r"grpo\.kl_coef"):
         GRPOConfig(kl_coef=-1.0)
     with pytest.raises(ValueError, match=r"grpo\.advantage_std"):

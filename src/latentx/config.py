@@ -131,12 +131,17 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         raise ConfigError(msg) from None
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain, YAML-safe dict of a (nested) dataclass config (tuples become lists)."""
+def to_dict(cfg: Any, unset: bool = True) -> dict[str, Any]:
+    """A plain, YAML-safe dict of a (nested) dataclass config (tuples become lists).
+
+    ``unset=False`` leaves out the fields a config filled itself from a preset or a ``None`` default
+    (its ``_unset_fields``, see :func:`latentx.objectives.base.fill_unset`), so that rebuilding from the dict
+    resolves them again (a changed preset then applies)."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+            skip = () if unset else getattr(value, "_unset_fields", ())
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init and f.name not in skip}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
@@ -182,7 +187,7 @@ def merge_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
 
 def apply_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
     """A new config equal to ``cfg`` with ``section.field=value`` overrides applied and re-validated."""
-    return from_dict(type(cfg), merge_overrides(to_dict(cfg), overrides))
+    return from_dict(type(cfg), merge_overrides(to_dict(cfg, unset=False), overrides))
 
 
 def load_yaml(cls: type[T], path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> T:

@@ -26,8 +26,18 @@ class RolloutConfig:
     max_new_tokens: int = 32
     micro_batch_size: int = 64  # responses per forward / backward (rounded to whole groups)
     generation_batch_size: int = 256  # responses per `generate` call
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal (no GRPO signal) and refill the step
+    # with fresh prompts, at most `dynamic_sampling_retries` extra sampling rounds (None = off, or the
+    # ReLaX `authors` preset's value); see latentx.dynamic_sampling.
+    dynamic_sampling: bool | None = None
+    dynamic_sampling_retries: int = 3
 
     def __post_init__(self) -> None:
+        from latentx.objectives.base import fill_unset
+
+        fill_unset(self, {"dynamic_sampling": False})
+        if self.dynamic_sampling_retries < 0:
+            raise ValueError(f"rollout.dynamic_sampling_retries must be >= 0, got {self.dynamic_sampling_retries}")
         for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")

@@ -38,7 +38,8 @@ from latentx.objectives.base import GRPOConfig, PolicyBatch, per_response_mean
 from latentx.objectives.clip_cov import ClipCovConfig
 from latentx.objectives.entropy_bonus import EntropyBonusConfig
 from latentx.objectives.kl_cov import KLCovConfig
-from latentx.objectives.relax import RelaxConfig
+from latentx.objectives.relax import BatchTotals, RelaxConfig, apply_train_preset, dsd_quantiles, kl_set_members
+from latentx.diagnostics import DiagnosticsConfig, KLSetMonitor, TermGradients
 from latentx.objectives.verl import VerlConfig
 from latentx.reporting import LoggingConfig
 from latentx.rollout import RolloutConfig, Sequences, policy_forward, sample_responses
@@ -155,10 +156,13 @@ class TrainConfig:
     clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
     eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:
         if self.objective not in REGISTRY:
             raise ValueError(f"objective must be one of {', '.join(REGISTRY)}, got {self.objective!r}")
+        # relax.preset's GRPO / rollout part and pad_to = L_max (objectives/relax.py; METHODS.md §3a).
+        apply_train_preset(self.objective, self.relax, self.grpo, self.rollout, self.rollout.max_new_tokens)
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.checkpoint_every < 1:
@@ -218,6 +222,8 @@ class Rollout:
     time_generate: float = 0.0
     time_signals: float = 0.0
     time_fit: float = 0.0
+    sampling_info: dict[str, float] = field(default_factory=dict)  # rollout.dynamic_sampling diagnostics
+    in_set: torch.Tensor | None = None  # [N] bool, ReLaX's KL set I (decided by Trainer.kl_set)
 
 
 class Trainer:
@@ -255,17 +261,22 @@ class Trainer:
         self.model.to(self.device)
         self.objective = Objective.from_config(cfg)
         # The frozen reference is the policy the run started from (after the warm start); it is saved
-        # once so that a resumed run compares against the same weights.
+        # once so that a resumed run compares against the same weights.  ReLaX's β term needs it only for
+        # the responses in I: then it is loaded on the first step whose I is non-empty (never, when I stays
+        # empty).  A GRPO KL (grpo.kl_coef > 0) needs it on every token of every step: loaded now.
         self.reference = None
+        self._reference_dir: Path | None = None
+        self._full_reference = cfg.grpo.kl_coef > 0 or cfg.objective != "relax"
         if self._wants_reference():
             ref_dir = self.run_dir / "reference"
-            if self.checkpoint is not None and ref_dir.is_dir():
-                self.reference, _ = load_model(str(ref_dir), device=str(self.device), dtype=cfg.model.dtype)
-            else:
-                self.reference = copy.deepcopy(self.model)
-                self.reference.save_pretrained(ref_dir)
+            if not (self.checkpoint is not None and ref_dir.is_dir()):
+                self.model.save_pretrained(ref_dir)
                 save_tokenizer(self.tokenizer, ref_dir)  # a VLM's processor too
-            self.reference.eval().requires_grad_(False)
+            self._reference_dir = ref_dir
+            if self._full_reference:
+                self._load_reference()
+        rc = cfg.relax
+        self.kl_set_monitor = KLSetMonitor(rc.beta, float(rc.xi), rc.xi_mode, str(rc.spectrum), enabled=cfg.objective == "relax")
 
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
@@ -278,6 +289,16 @@ class Trainer:
             self._restore(self.checkpoint)
 
     # -- set-up helpers ---------------------------------------------------------------------------
+
+    def _load_reference(self):
+        """The frozen reference (the starting policy saved in ``run_dir/reference``), loaded once."""
+        if self.reference is None:
+            from latentx.models import load_model
+
+            assert self._reference_dir is not None
+            self.reference, _ = load_model(str(self._reference_dir), device=str(self.device), dtype=self.cfg.model.dtype)
+            self.reference.to(self.device).eval().requires_grad_(False)
+        return self.reference
 
     def _wants_reference(self) -> bool:
         choice = self.cfg.model.reference
@@ -370,28 +391,43 @@ class Trainer:
         cfg = self.cfg
         dev = self.device
         t0 = time.perf_counter()
-        idx = self.sampler.choice(len(self.train_pool), size=cfg.rollout.prompts_per_step, replace=False)
-        instances = [self.train_pool[i] for i in idx]
-        prompts = [self.task.format_prompt(inst, self.tokenizer) for inst in instances]
-        self.model.eval()
-        seqs = sample_responses(
-            self.model, self.tokenizer, prompts, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            generation_batch_size=cfg.rollout.generation_batch_size, images=task_images(self.task, instances),
-        ).to(dev)
         r = cfg.rollout.samples_per_prompt
-        rewards = torch.tensor(
-            [self.task.reward(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.float32
-        ).to(dev)
-        correct = torch.tensor(
-            [self.task.is_correct(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.bool
-        ).to(dev)
+        self.model.eval()
+
+        def draw(n_prompts: int):
+            idx = self.sampler.choice(len(self.train_pool), size=n_prompts, replace=False)
+            instances = [self.train_pool[i] for i in idx]
+            prompts = [self.task.format_prompt(inst, self.tokenizer) for inst in instances]
+            seqs = sample_responses(
+                self.model, self.tokenizer, prompts, r, cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                generation_batch_size=cfg.rollout.generation_batch_size, images=task_images(self.task, instances),
+            )
+            rewards = torch.tensor(
+                [self.task.reward(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.float32
+            )
+            correct = torch.tensor(
+                [self.task.is_correct(instances[i // r], text) for i, text in enumerate(seqs.texts)], dtype=torch.bool
+            )
+            return instances, seqs, rewards, correct
+
+        sampling_info: dict[str, float] = {}
+        if cfg.rollout.dynamic_sampling:  # DAPO: drop all-equal-reward groups, refill (latentx.dynamic_sampling)
+            from latentx.dynamic_sampling import fill_informative
+
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            _, seqs, rewards, correct, sampling_info = fill_informative(
+                draw, cfg.rollout.prompts_per_step, r, cfg.rollout.dynamic_sampling_retries, int(pad_id)
+            )
+        else:
+            _, seqs, rewards, correct = draw(cfg.rollout.prompts_per_step)
+        seqs, rewards, correct = seqs.to(dev), rewards.to(dev), correct.to(dev)
         t_gen = time.perf_counter() - t0
 
         # One no-grad forward per micro-batch: old log-probs, entropies, signals (METHODS.md §0).
         n, T = seqs.response_mask.shape
         old_logp = torch.zeros(n, T, device=dev)
-        ref_logp = torch.zeros(n, T, device=dev) if self.reference is not None else None
+        ref_logp = torch.zeros(n, T, device=dev) if self.reference is not None and self._full_reference else None
         entropy = torch.zeros(n, device=dev)
         signals: dict[str, torch.Tensor] = {}
         refit = self.dictionary is None or self.dictionary.refit_due(self.step, cfg.relax.refit_every)
@@ -425,8 +461,52 @@ class Trainer:
         return Rollout(
             seqs=seqs, rewards=rewards, correct=correct, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
             signals=signals, group=torch.arange(n, device=dev) // r,
-            time_generate=t_gen, time_signals=t_signals, time_fit=fit_time,
+            time_generate=t_gen, time_signals=t_signals, time_fit=fit_time, sampling_info=sampling_info,
         )
+
+    def kl_set(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
+        """ReLaX: decide I on the rollout DSDs (the no-grad forward's; METHODS.md §3) and run the reference
+        forward for the responses in I only (none when I is empty).  Sets ``ro.in_set`` and, when needed,
+        ``ro.ref_logp`` (rows outside I are 0 and never read); returns the step's I diagnostics.
+
+        With ``optim.updates_per_step = 1`` the update forward is the rollout forward (same weights), so
+        membership equals what the update forward's DSD would give; with more passes I stays the one
+        decided here for every pass (the DSD with gradient changes between passes, I does not).
+        """
+        if self.cfg.objective != "relax" or "dsd" not in ro.signals:
+            return {}
+        rc = self.cfg.relax
+        dsd = ro.signals["dsd"]
+        adv_resp = adv if adv.dim() == 1 else per_response_mean(adv, ro.seqs.response_mask)
+        in_set, xi_used = kl_set_members(adv_resp, dsd, rc)
+        ro.in_set = in_set
+        size = int(in_set.sum())
+        info: dict[str, float] = {"kl_set_size": float(size), "xi_used": xi_used, **dsd_quantiles(dsd)}
+        t0 = time.perf_counter()
+        if rc.beta > 0 and size > 0 and ro.ref_logp is None and self._reference_dir is not None:
+            reference = self._load_reference()
+            seqs = ro.seqs
+            n, T = seqs.response_mask.shape
+            ref_logp = torch.zeros(n, T, device=self.device)
+            rows = torch.nonzero(in_set).flatten()
+            chunk = max(1, self.cfg.rollout.micro_batch_size)
+            with torch.no_grad():
+                for start in range(0, rows.numel(), chunk):
+                    sel = rows[start : start + chunk]
+                    mb = seqs.select(sel)
+                    ref_logp[sel, : mb.response_length] = policy_forward(
+                        reference, mb, want_hidden=False, want_entropy=False
+                    ).logp.float()
+            ro.ref_logp = ref_logp
+        info["time_reference"] = time.perf_counter() - t0
+        if ro.ref_logp is None:
+            info["reference_rows"] = 0.0
+        else:
+            info["reference_rows"] = float(len(ro.rewards) if self._full_reference else size)
+        warning = self.kl_set_monitor.observe(size, dsd)
+        if warning:
+            self.log(warning)
+        return info
 
     def advantages(self, ro: "Rollout") -> tuple[torch.Tensor, dict[str, float]]:
         """GRPO advantages (METHODS.md §0), then the objective's advantage hook (VERL's shaping, §3)."""
@@ -434,50 +514,80 @@ class Trainer:
         adv, info = self.objective.shape(adv, ro.signals, ro.seqs.response_mask, ro.rewards, ro.group)
         return adv, {k: float(v) for k, v in info.items()}
 
-    def update(self, ro: "Rollout", adv: torch.Tensor) -> dict[str, float]:
-        """Gradient step(s) on the rollout batch; micro-batch losses are weighted by their token share."""
+    def update(self, ro: "Rollout", adv: torch.Tensor, term_grads: bool = False) -> dict[str, float]:
+        """Gradient step(s) on the rollout batch (:meth:`accumulate`, then clip and step)."""
         cfg = self.cfg
-        seqs = ro.seqs
-        n = seqs.response_mask.shape[0]
-        total_tokens = max(int(seqs.response_mask.sum()), 1)
-        want_hidden = "dsd_grad" in self.objective.needs and self.dictionary is not None
         terms: dict[str, float] = {}
         grad_norm = 0.0
         self.model.train()
-        for _ in range(cfg.optim.updates_per_step):
+        for k in range(cfg.optim.updates_per_step):
             self.optimizer.zero_grad(set_to_none=True)
-            for sl in self._micro_batches(n):
-                mb = seqs.select(sl)
-                t = mb.response_length
-                mask = mb.response_mask
-                fo = policy_forward(self.model, mb, want_hidden=want_hidden, want_entropy=True)
-                batch = PolicyBatch(
-                    logp=fo.logp,
-                    old_logp=ro.old_logp[sl, :t],
-                    mask=mask,
-                    advantages=adv[sl, :t] if adv.dim() == 2 else adv[sl],
-                    group=ro.group[sl],
-                    ref_logp=ro.ref_logp[sl, :t] if ro.ref_logp is not None else None,
-                    entropy=fo.entropy,
-                    dsd=self._dsd(fo.hidden, mask) if want_hidden else None,
-                )
-                out = self.objective.loss(batch)
-                weight = int(mask.sum()) / total_tokens
-                (out.loss * weight).backward()
-                for k, v in out.terms.items():
-                    terms[k] = terms.get(k, 0.0) + weight * float(v) / cfg.optim.updates_per_step
+            for key, v in self.accumulate(ro, adv, term_grads=term_grads and k == 0).items():
+                terms[key] = terms.get(key, 0.0) + v / (1 if key.startswith("grad_") else cfg.optim.updates_per_step)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
             self.optimizer.step()
             terms.update(self.objective.on_optimizer_step())
         terms["grad_norm"] = grad_norm
         return terms
 
+    def accumulate(self, ro: "Rollout", adv: torch.Tensor, term_grads: bool = False) -> dict[str, float]:
+        """Backward of the batch loss over the micro-batches into ``.grad`` (no zeroing, no step).
+
+        A micro-batch loss that is a mean over the micro-batch is weighted by its token share; a summable one
+        (ReLaX with :class:`BatchTotals`, whose L_xp is response-level) is added as is, so the gradient is the
+        unsplit batch's for any ``rollout.micro_batch_size``.  ``term_grads``: also the gradient of each loss
+        term separately (``diagnostics.term_grads_every``), returned as ``grad_norm/*``, ``grad_cos_pg/*``.
+        """
+        cfg = self.cfg
+        seqs = ro.seqs
+        n = seqs.response_mask.shape[0]
+        total_tokens = max(int(seqs.response_mask.sum()), 1)
+        want_hidden = "dsd_grad" in self.objective.needs and self.dictionary is not None
+        totals = None
+        if want_hidden and ro.in_set is not None:
+            totals = BatchTotals(
+                groups=int(torch.unique(ro.group).numel()), responses=n, tokens=total_tokens,
+                in_set=int(ro.in_set.sum()),
+                length=cfg.relax.resolved_pad_to(cfg.rollout.max_new_tokens) or cfg.rollout.max_new_tokens,
+            )
+        tracker = TermGradients(self.model.parameters()) if term_grads else None
+        terms: dict[str, float] = {}
+        for sl in self._micro_batches(n):
+            mb = seqs.select(sl)
+            t = mb.response_length
+            mask = mb.response_mask
+            fo = policy_forward(self.model, mb, want_hidden=want_hidden, want_entropy=True)
+            batch = PolicyBatch(
+                logp=fo.logp,
+                old_logp=ro.old_logp[sl, :t],
+                mask=mask,
+                advantages=adv[sl, :t] if adv.dim() == 2 else adv[sl],
+                group=ro.group[sl],
+                ref_logp=ro.ref_logp[sl, :t] if ro.ref_logp is not None else None,
+                entropy=fo.entropy,
+                dsd=self._dsd(fo.hidden, mask) if want_hidden else None,
+                totals=totals,
+                in_set=ro.in_set[sl] if totals is not None else None,
+            )
+            out = self.objective.loss(batch)
+            weight = 1.0 if out.summable else int(mask.sum()) / total_tokens
+            if tracker is not None:
+                tracker.add(out.parts or {"pg": out.loss}, weight)
+            (out.loss * weight).backward()
+            for k, v in out.terms.items():
+                terms[k] = terms.get(k, 0.0) + weight * float(v)
+        if tracker is not None:
+            terms.update(tracker.metrics())
+        return terms
+
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         ro = self.rollout()
         adv, adv_info = self.advantages(ro)
+        set_info = self.kl_set(ro, adv)
         t1 = time.perf_counter()
-        terms = self.update(ro, adv)
+        every = self.cfg.diagnostics.term_grads_every
+        terms = self.update(ro, adv, term_grads=every > 0 and (self.step + 1) % every == 0)
         t_update = time.perf_counter() - t1
         self.step += 1
 
@@ -500,6 +610,8 @@ class Trainer:
         row["adv_abs_mean"] = adv_resp.abs().mean().item()
         row.update({k: float(v) for k, v in terms.items()})
         row.update(adv_info)
+        row.update(set_info)
+        row.update(ro.sampling_info)
         row["time_generate"] = ro.time_generate
         row["time_signals"] = ro.time_signals
         row["time_fit"] = ro.time_fit

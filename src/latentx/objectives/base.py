@@ -37,6 +37,7 @@ __all__ = [
     "masked_log_ratio",
     "valid_only",
     "to_floats",
+    "fill_unset",
     "SIGNALS",
     "ObjectiveSpec",
     "register_objective",
@@ -68,25 +69,48 @@ class GRPOConfig:
             False keeps only the centring ("Dr. GRPO").  Read by :func:`latentx.objectives.grpo.group_advantages`
             through whoever computes the advantages (the trainer); the losses take advantages as given.
         advantage_eps: ε in ``(r - mean) / (std + ε)`` (1e-6).
+        dual_clip: c of dual-clip PPO (Ye et al. 2020): for Â < 0 the per-token loss is capped at −c·Â;
+            0 = off (default), > 1 on (the ReLaX authors' code: 10, METHODS.md §3a).
+        clip_low may be 1 (ratio clipped below at 0, the authors' range [0, 2]).
     """
 
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_low: float | None = None
+    clip_high: float | None = None
     kl_coef: float = 0.0
     advantage_std: bool = True
     advantage_eps: float = 1e-6
+    dual_clip: float | None = None
 
     def __post_init__(self) -> None:
-        _check_range("grpo.clip_low", self.clip_low, lo=0.0, hi=1.0, hi_open=True)
+        # None = not set: 0.2 / 0.2 / off, or the values of a ReLaX preset (objectives.relax.apply_train_preset).
+        fill_unset(self, {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": 0.0})
+        _check_range("grpo.clip_low", self.clip_low, lo=0.0, hi=1.0)
         _check_range("grpo.clip_high", self.clip_high, lo=0.0)
         _check_range("grpo.kl_coef", self.kl_coef, lo=0.0)
         if not isinstance(self.advantage_std, bool):
             raise ValueError(f"grpo.advantage_std must be a bool, got {self.advantage_std!r}")
         _check_range("grpo.advantage_eps", self.advantage_eps, lo=0.0, lo_open=True)
+        _check_range("grpo.dual_clip", self.dual_clip, lo=0.0)
+        if 0.0 < self.dual_clip <= 1.0:
+            raise ValueError(f"grpo.dual_clip must be 0 (off) or > 1, got {self.dual_clip!r}")
 
 
 #: Alias: the clip/KL fields live in :class:`GRPOConfig`, which every objective takes.
 ClipConfig = GRPOConfig
+
+
+def fill_unset(cfg: Any, values: Mapping[str, Any], override_filled: bool = False) -> None:
+    """Give every field of ``cfg`` named in ``values`` that is ``None`` its value, and remember it in
+    ``cfg._unset_fields``; with ``override_filled`` also replace values filled that way before (a preset
+    over plain defaults).  An explicitly set field is never touched.  ``to_dict(cfg, unset=False)``
+    (:mod:`latentx.config`) leaves remembered fields out, so a round trip through overrides re-resolves them;
+    ``config.yaml`` records the resolved values."""
+    unset = set(getattr(cfg, "_unset_fields", ()))
+    for name, value in values.items():
+        if getattr(cfg, name) is None or (override_filled and name in unset):
+            object.__setattr__(cfg, name, value)
+            unset.add(name)
+    object.__setattr__(cfg, "_unset_fields", frozenset(unset))
 
 
 def _check_range(
@@ -135,6 +159,10 @@ class PolicyBatch:
         entropy: optional ``[B, T]``, token entropies of the current forward, with grad (entropy_bonus).
         dsd: optional ``[B]``, Dynamic Spectral Dispersion of each response on the current forward's hidden
             states, with grad (relax).
+        totals: optional batch-wide normalisers (:class:`latentx.objectives.relax.BatchTotals`) when this batch
+            is one micro-batch / rank of a larger optimisation batch; objectives that honour it return a
+            summable share (``LossOutput.summable``).
+        in_set: optional ``[B]`` bool, membership of ReLaX's KL set I decided on the whole batch.
 
     Shapes, dtypes and devices are validated on construction; values at valid tokens must be finite.
     """
@@ -147,6 +175,8 @@ class PolicyBatch:
     ref_logp: Tensor | None = None
     entropy: Tensor | None = None
     dsd: Tensor | None = None
+    totals: Any = None
+    in_set: Tensor | None = None
 
     def __post_init__(self) -> None:
         logp = self.logp
@@ -237,10 +267,17 @@ class LossOutput:
     Attributes:
         loss: scalar, differentiable; call ``loss.backward()``.
         terms: every loss term and diagnostic as a python float (``pg``, ``kl``, ``clip_frac``, ...).
+        summable: False: ``loss`` / ``terms`` are means over this micro-batch (the caller weights them by the
+            micro-batch's token share); True: they are this micro-batch's share of the batch value (the caller
+            sums them; see ``PolicyBatch.totals``).
+        parts: optional additive decomposition of ``loss`` into named terms (tensors with grad, e.g. ``pg``,
+            ``xp``, ``kl``) for per-term gradient diagnostics; empty = the loss is one term.
     """
 
     loss: Tensor
     terms: dict[str, float] = field(default_factory=dict)
+    summable: bool = False
+    parts: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _describe(value: object) -> str:

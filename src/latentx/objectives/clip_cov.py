@@ -119,7 +119,7 @@ def clip_cov_loss(
     detached = clip_cov_select(batch.logp, batch.old_logp, adv, mask, cfg, clip, generator)
     logp = torch.where(detached, batch.logp.detach(), batch.logp)
 
-    per_token, stats = clipped_surrogate(logp, batch.old_logp, adv, mask, clip.clip_low, clip.clip_high)
+    per_token, stats = clipped_surrogate(logp, batch.old_logp, adv, mask, clip.clip_low, clip.clip_high, clip.dual_clip or 0.0)
     pg = token_mean(per_token, mask)
     kl_penalty, kl_terms = reference_kl(batch, clip.kl_coef)
     loss = pg + kl_penalty

@@ -154,7 +154,8 @@ def entropy_bonus_loss(
         raise ValueError("entropy_bonus needs batch.entropy (token entropies of the current forward, with grad)")
     c_h = cfg.coef if coef is None else float(coef)
     per_token, stats = clipped_surrogate(
-        batch.logp, batch.old_logp, batch.token_advantages(), batch.mask, clip.clip_low, clip.clip_high
+        batch.logp, batch.old_logp, batch.token_advantages(), batch.mask, clip.clip_low, clip.clip_high,
+        clip.dual_clip or 0.0,
     )
     pg = token_mean(per_token, batch.mask)
     kl_penalty, kl_terms = reference_kl(batch, clip.kl_coef)

@@ -96,12 +96,14 @@ def clipped_surrogate(
     mask: Tensor,
     clip_low: float,
     clip_high: float,
+    dual_clip: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token PPO/GRPO clipped surrogate loss (METHODS.md §3).
 
     ``loss_t = max(−Â_t ρ_t, −Â_t clip(ρ_t, 1 − clip_low, 1 + clip_high))`` (= −min(ρÂ, clip(ρ)Â)),
     with ``ρ_t = exp(logp_t − old_logp_t)`` (the log-ratio clamped to ±20 as in verl, for overflow safety);
-    0 at padded tokens.
+    0 at padded tokens.  ``dual_clip = c > 1`` additionally caps the loss of tokens with Â < 0 at −c·Â
+    (dual-clip PPO, Ye et al. 2020; the ReLaX authors' code uses c = 10, METHODS.md §3a); 0 = off.
 
     Args:
         logp, old_logp, adv_tok: ``[B, T]``; ``adv_tok`` is treated as a constant (no grad).
@@ -118,10 +120,14 @@ def clipped_surrogate(
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.where(mask, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip:
+        # Dual-clip PPO (Ye et al. 2020; the ReLaX authors' c = 10): for Â < 0 the loss is capped at −c·Â.
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    per_token = torch.where(mask, loss, torch.zeros_like(unclipped))
 
     with torch.no_grad():
-        active = mask & (clipped > unclipped)
+        active = mask & (loss > unclipped) if not dual_clip else mask & (loss != unclipped)
         stats = {
             "clip_frac": masked_mean(active.float(), mask),
             "clip_frac_low": masked_mean((active & (adv < 0)).float(), mask),
@@ -157,7 +163,8 @@ def grpo_loss(batch: PolicyBatch, cfg: GRPOConfig) -> LossOutput:
     ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``approx_kl``, ``adv_mean``, ``tokens``.
     """
     per_token, stats = clipped_surrogate(
-        batch.logp, batch.old_logp, batch.token_advantages(), batch.mask, cfg.clip_low, cfg.clip_high
+        batch.logp, batch.old_logp, batch.token_advantages(), batch.mask, cfg.clip_low, cfg.clip_high,
+        dual_clip=cfg.dual_clip or 0.0,
     )
     pg = token_mean(per_token, batch.mask)
     kl_penalty, kl_terms = reference_kl(batch, cfg.kl_coef)

@@ -95,7 +95,7 @@ def kl_cov_loss(batch: PolicyBatch, cfg: KLCovConfig, clip: GRPOConfig) -> LossO
     adv = batch.token_advantages()
     selected = kl_cov_select(batch.logp, adv, mask, cfg.k_ratio)
 
-    per_token_clipped, stats = clipped_surrogate(batch.logp, batch.old_logp, adv, mask, clip.clip_low, clip.clip_high)
+    per_token_clipped, stats = clipped_surrogate(batch.logp, batch.old_logp, adv, mask, clip.clip_low, clip.clip_high, clip.dual_clip or 0.0)
     log_ratio = masked_log_ratio(batch.logp, batch.old_logp, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio

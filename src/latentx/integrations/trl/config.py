@@ -103,6 +103,10 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
             "choices": list(LATENT_OBJECTIVES),
         },
     )
+    latent_term_grads_every: int = field(
+        default=0,
+        metadata={"help": "every N steps log each loss term's gradient norm and cosine with pg under latent/ (0 = off)."},
+    )
 
     latent_monitor: bool = field(
         default=False,
@@ -163,7 +167,10 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
         try:
             if name in FLATTENED_SECTIONS:
                 cls = FLATTENED_SECTIONS[name]
-                return cls(**{f.name: getattr(self, f"{name}_{f.name}") for f in dataclasses.fields(cls)})
+                built = cls(**{f.name: getattr(self, f"{name}_{f.name}") for f in dataclasses.fields(cls)})
+                if isinstance(built, RelaxConfig) and built.pad_to == -1:  # the preset's L_max = max completion length
+                    object.__setattr__(built, "pad_to", int(self.max_completion_length))
+                return built
             if name == "entropy_bonus":
                 values = {ours: getattr(self, theirs) for ours, theirs in _ENTROPY_FIELDS.items()}
                 if not values["adaptive"]:

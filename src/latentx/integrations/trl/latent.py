@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from latentx.objectives.relax import BatchTotals, RelaxPlan, RelaxTerms, relax_batch_plan, relax_terms
 from latentx.objectives import (
     GRPOConfig,
     KLCovConfig,
@@ -25,10 +26,8 @@ from latentx.objectives import (
     RelaxConfig,
     VerlBaselines,
     VerlConfig,
-    exploration_term,
     grpo_loss,
     kl_cov_loss,
-    relax_kl_set,
 )
 from latentx.objectives.verl import verl_step, verl_step_info
 
@@ -38,10 +37,8 @@ __all__ = [
     "group_ids",
     "VerlStep",
     "verl_rollout_step",
-    "RelaxPlan",
     "relax_rollout_plan",
-    "relax_group_shares",
-    "relax_microbatch_terms",
+    "relax_microbatch_share",
     "kl_cov_token_sum_correction",
 ]
 
@@ -152,33 +149,6 @@ def verl_rollout_step(
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RelaxPlan:
-    """What every micro-batch of one generation batch needs for the ReLaX terms (lme_scope="group").
-
-    L_xp is a log-mean-exp over each prompt group, and a group's responses end up in different
-    micro-batches (TRL shuffles the generation batch) and processes.  Its exact gradient is
-    ``Σ_i ∂L_xp/∂DSD_i · ∇DSD_i``: the weights ``∂L_xp/∂DSD_i`` are computed once per generation batch from
-    the rollout-time DSDs of the *whole* batch (``exploration_term`` differentiated with autograd), and each
-    micro-batch contributes ``Σ_{i ∈ mb} w_i · ∇DSD_i`` through its own forward (:func:`relax_group_shares`).
-
-    Attributes:
-        xp: L_xp of the whole generation batch (float).
-        dsd_weight: ``[B_local]`` ∂L_xp/∂DSD_i of this process's rows (0 for detached "code" members).
-        dsd_rollout: ``[B_local]`` the rollout-time DSD_i the weights were computed at.
-        in_set: ``[B_local]`` bool, membership of the KL set I (``relax_kl_set`` on the rollout DSDs).
-        set_size: |I| over the whole generation batch.
-        metrics: python floats over the gathered batch.
-    """
-
-    xp: float
-    dsd_weight: Tensor
-    dsd_rollout: Tensor
-    in_set: Tensor
-    set_size: int
-    metrics: dict[str, float]
-
-
 def relax_rollout_plan(
     advantages: Tensor,
     dsd: Tensor,
@@ -186,94 +156,61 @@ def relax_rollout_plan(
     cfg: RelaxConfig,
     all_gather: AllGather,
     process_index: int,
+    lengths: Tensor | None = None,
+    length_norm: int = 0,
 ) -> RelaxPlan:
-    """Gather Â, DSD (rollout forward, no grad) and group ids, compute L_xp, its weights and I on the
-    whole generation batch with :func:`exploration_term` / :func:`relax_kl_set`, slice the local rows back."""
+    """Gather Â, the rollout DSDs, group ids and response lengths of every process, decide I and the
+    batch-wide normalisers on the whole generation batch (:func:`latentx.objectives.relax.relax_batch_plan`),
+    and slice this process's rows back (``in_set``, ``group_lse``, ``group_count``; ``totals`` and
+    ``metrics`` are the generation batch's).  Each micro-batch then adds ``P·S ·`` :func:`relax_terms` of its
+    rows (see :func:`relax_microbatch_share`)."""
     local_size = advantages.shape[0]
     adv_all = all_gather(advantages.detach().float().contiguous())
     dsd_all = all_gather(dsd.detach().float().contiguous())
     group_all = all_gather(group.contiguous())
-    in_set_all = relax_kl_set(adv_all, dsd_all, cfg.xi, cfg.kl_set)
-    leaf = dsd_all.clone().requires_grad_(True)
-    with torch.enable_grad():
-        xp = exploration_term(adv_all, leaf, group_all, "group", detach=in_set_all if cfg.kl_set == "code" else None)
-    if xp.requires_grad:
-        (weight_all,) = torch.autograd.grad(xp, leaf, allow_unused=True)
-        weight_all = torch.zeros_like(dsd_all) if weight_all is None else weight_all
-    else:  # every DSD detached ("code" set covers the batch)
-        weight_all = torch.zeros_like(dsd_all)
+    if lengths is None:
+        lengths = torch.ones(local_size, dtype=torch.long, device=advantages.device)
+    lengths_all = all_gather(lengths.contiguous())
+    plan = relax_batch_plan(adv_all, dsd_all, group_all, lengths_all, cfg, length_norm)
     rows = local_rows(process_index, local_size)
-    metrics = {
-        "relax/xp_rollout": float(xp.detach()),
-        "relax/kl_set_size": float(in_set_all.sum()),
-        "dsd_mean": float(dsd_all.mean()) if dsd_all.numel() else 0.0,
-        "dsd_max": float(dsd_all.max()) if dsd_all.numel() else 0.0,
-        "dsd_min": float(dsd_all.min()) if dsd_all.numel() else 0.0,
-    }
     device = advantages.device
     return RelaxPlan(
-        xp=float(xp.detach()),
-        dsd_weight=weight_all[rows].to(device),
-        dsd_rollout=dsd_all[rows].to(device),
-        in_set=in_set_all[rows].to(device),
-        set_size=int(in_set_all.sum()),
-        metrics=metrics,
+        in_set=plan.in_set[rows].to(device),
+        group_lse=plan.group_lse[rows].to(device),
+        group_count=plan.group_count[rows].to(device),
+        totals=plan.totals,
+        xp=plan.xp,
+        xi_used=plan.xi_used,
+        metrics={f"relax/{k}" if not k.startswith("dsd") else k: v for k, v in plan.metrics.items()},
     )
 
 
-def relax_group_shares(
+def relax_microbatch_share(
+    advantages: Tensor,
     dsd: Tensor,
-    kl_per_response: Tensor | None,
-    dsd_weight: Tensor,
-    dsd_rollout: Tensor,
+    group: Tensor,
+    mask: Tensor,
     in_set: Tensor,
-    xp: float,
-    set_size: int,
+    group_lse: Tensor,
+    group_count: Tensor,
+    totals: BatchTotals,
+    cfg: RelaxConfig,
     num_shares: int,
-) -> tuple[Tensor, Tensor]:
-    """One micro-batch's shares of L_xp and of mean_{i ∈ I} KL_i (lme_scope="group").
-
-    ``num_shares`` = P · S micro-batches make up the generation batch; TRL averages the micro-batch losses
-    (÷ gradient_accumulation_steps, DDP mean over processes), so the shares are scaled such that their
-    mean has the value and the gradient of the whole-batch terms::
-
-        xp_share = L_xp + num_shares · Σ_{i ∈ mb} w_i · (DSD_i − DSD_i^rollout)
-        kl_share = num_shares / |I| · Σ_{i ∈ mb ∩ I} KL_i          (0 when I is empty)
-
-    On-policy (the update forward equals the rollout forward) ``DSD_i = DSD_i^rollout`` up to rounding,
-    so the mean of the xp shares is L_xp and their summed gradient is exactly ∇L_xp.
-
-    Args:
-        dsd: ``[b]`` DSD of the micro-batch's responses on the update forward (with grad).
-        kl_per_response: ``[b]`` token-mean k3 KL_i (with grad), or None without a reference.
-        dsd_weight, dsd_rollout, in_set: the micro-batch's rows of :class:`RelaxPlan`.
-    """
-    dsd = dsd.float()
-    weight = dsd_weight.to(dsd.device, torch.float32)
-    xp_share = xp + num_shares * (weight * (dsd - dsd_rollout.to(dsd.device, torch.float32))).sum()
-    zero = torch.zeros((), dtype=torch.float32, device=dsd.device)
-    if kl_per_response is None or set_size == 0:
-        kl_share = zero
-    else:
-        kl_share = (num_shares / set_size) * torch.where(in_set.to(dsd.device), kl_per_response.float(), zero).sum()
-    return xp_share, kl_share
-
-
-def relax_microbatch_terms(
-    advantages: Tensor, dsd: Tensor, group: Tensor, kl_per_response: Tensor | None, cfg: RelaxConfig
-) -> tuple[Tensor, Tensor, Tensor]:
-    """lme_scope="microbatch" (the authors' code): L_xp, I and mean_{i∈I} KL_i of this micro-batch alone,
-    with :func:`exploration_term` / :func:`relax_kl_set` on the update forward's DSDs.
-
-    Returns ``(xp, kl_set_mean, in_set)``.
-    """
-    in_set = relax_kl_set(advantages, dsd, cfg.xi, cfg.kl_set)
-    xp = exploration_term(advantages, dsd, group, "microbatch", detach=in_set if cfg.kl_set == "code" else None)
-    zero = torch.zeros((), dtype=torch.float32, device=dsd.device)
-    if kl_per_response is None:
-        return xp, zero, in_set
-    kl = torch.where(in_set, kl_per_response.float(), zero).sum() / in_set.sum().clamp(min=1).float()
-    return xp, kl, in_set
+    logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+) -> RelaxTerms:
+    """One micro-batch's ``α·L_xp + β·KL_I`` as TRL accumulates it: ``num_shares`` = P·S micro-batches make up
+    the generation batch and TRL averages their losses (÷ gradient accumulation, DDP mean over processes), so
+    :func:`relax_terms`' summable shares are multiplied by ``num_shares``; their mean is then the whole batch's
+    value and their summed gradient its gradient (split groups: first-order around the rollout, exact
+    on-policy)."""
+    terms = relax_terms(
+        advantages, dsd, group, mask, in_set, cfg, totals, logp=logp, ref_logp=ref_logp,
+        group_lse=group_lse, group_count=group_count,
+    )
+    return RelaxTerms(
+        loss=terms.loss * num_shares, xp=terms.xp * num_shares, kl=terms.kl * num_shares, in_set=terms.in_set
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,8 +36,7 @@ from latentx.integrations.trl.latent import (
     group_ids,
     kl_cov_token_sum_correction,
     local_rows,
-    relax_group_shares,
-    relax_microbatch_terms,
+    relax_microbatch_share,
     relax_rollout_plan,
     verl_rollout_step,
 )
@@ -53,6 +52,8 @@ from latentx.objectives import (
     verl_token_advantages,
 )
 from latentx.objectives.base import valid_only
+from latentx.objectives.relax import BatchTotals
+from latentx.diagnostics import TermGradients
 from latentx.objectives.verl import log_notice
 
 __all__ = ["LatentGRPOTrainer", "LATENT_STATE_FILE"]
@@ -388,21 +389,21 @@ class LatentGRPOTrainer(GRPOTrainer):
         device = output["advantages"].device
         groups = group_ids(self.accelerator.process_index, local_size, self.num_generations, device)
         output["latent_group"] = groups
-        if cfg.lme_scope == "group":
-            plan = relax_rollout_plan(
-                output["advantages"], dsd, groups, cfg, self.accelerator.gather, self.accelerator.process_index
-            )
-            output["latent_dsd_weight"] = plan.dsd_weight
-            output["latent_dsd_rollout"] = plan.dsd_rollout
-            output["latent_in_set"] = plan.in_set
-            # 0-dim tensors ride along unchanged through TRL's shuffle and split.
-            output["latent_xp"] = torch.tensor(plan.xp, device=device)
-            output["latent_set_size"] = torch.tensor(plan.set_size, device=device)
-            for name, value in plan.metrics.items():
-                self._metrics[mode][f"latent/{name}"].append(value)
-        else:
-            gathered = self.accelerator.gather(dsd.float())
-            self._metrics[mode]["latent/dsd_mean"].append(float(gathered.mean()))
+        lengths = output["completion_mask"].sum(1).long()
+        plan = relax_rollout_plan(
+            output["advantages"], dsd, groups, cfg, self.accelerator.gather, self.accelerator.process_index,
+            lengths=lengths, length_norm=cfg.resolved_pad_to(self.max_completion_length) or self.max_completion_length,
+        )
+        output["latent_in_set"] = plan.in_set
+        output["latent_group_lse"] = plan.group_lse
+        output["latent_group_count"] = plan.group_count
+        output["latent_dsd_rollout"] = dsd.detach().float()
+        # 0-dim tensors ride along unchanged through TRL's shuffle and split.
+        output["latent_xp"] = torch.tensor(plan.xp, device=device)
+        for name in ("groups", "responses", "tokens", "in_set", "length"):
+            output[f"latent_total_{name}"] = torch.tensor(getattr(plan.totals, name), device=device)
+        for name, value in plan.metrics.items():
+            self._metrics[mode][f"latent/{name}"].append(value)
         self._record("relax_rollout", dsd=dsd, output=output, fit_states=fit_states)
 
     def _fit_koopman(self, H: Tensor, mask: Tensor, mode: str) -> None:
@@ -442,6 +443,15 @@ class LatentGRPOTrainer(GRPOTrainer):
         else:
             term, details = self._kl_cov_term(inputs, capture.logps, mode)
         loss = trl_loss + term / self.current_gradient_accumulation_steps
+        every = int(getattr(self.args, "latent_term_grads_every", 0) or 0)
+        if every and self.state.global_step % every == 0 and self.latent_objective == "relax":
+            # diagnostics.term_grads_every: each term's gradient on this micro-batch, separately (one extra
+            # backward per term, only on these steps).
+            cfg, steps = self.latent_config, self.current_gradient_accumulation_steps
+            tracker = TermGradients(model.parameters())
+            tracker.add({"pg": trl_loss, "xp": cfg.alpha * details["xp"] / steps, "kl": cfg.beta * details["kl"] / steps})
+            for key, value in tracker.metrics().items():
+                self._metrics[mode][f"latent/{key}"].append(value)
         self._metrics[mode]["latent/time/loss_terms_s"].append(time.perf_counter() - start)  # forward part only
         self._record(
             f"{self.latent_objective}_loss",
@@ -468,20 +478,18 @@ class LatentGRPOTrainer(GRPOTrainer):
         kl_i = None
         if ref is not None:
             kl_i = per_response_mean(k3_kl(valid_only(logps, mask), valid_only(ref.detach(), mask)), mask)
-        if cfg.lme_scope == "group":
-            num_shares = self.accelerator.num_processes * self.args.steps_per_generation
-            xp, kl = relax_group_shares(
-                dsd, kl_i, inputs["latent_dsd_weight"], inputs["latent_dsd_rollout"], inputs["latent_in_set"],
-                float(inputs["latent_xp"]), int(inputs["latent_set_size"]), num_shares,
-            )
-            drift = (dsd.detach() - inputs["latent_dsd_rollout"]).abs().mean() if dsd.numel() else dsd.sum()
-        else:
-            advantages = inputs["advantages"]
-            if advantages.dim() == 2:
-                advantages = per_response_mean(advantages, mask)
-            xp, kl, _ = relax_microbatch_terms(advantages.float(), dsd, inputs["latent_group"], kl_i, cfg)
-            drift = torch.zeros((), device=dsd.device)
-        term = cfg.alpha * xp + cfg.beta * kl
+        advantages = inputs["advantages"]
+        if advantages.dim() == 2:
+            advantages = per_response_mean(advantages, mask)
+        totals = BatchTotals(**{name: int(inputs[f"latent_total_{name}"]) for name in ("groups", "responses", "tokens", "in_set", "length")})
+        num_shares = self.accelerator.num_processes * self.args.steps_per_generation
+        shares = relax_microbatch_share(
+            advantages.float(), dsd, inputs["latent_group"], mask, inputs["latent_in_set"], inputs["latent_group_lse"],
+            inputs["latent_group_count"], totals, cfg, num_shares, logp=logps, ref_logp=ref,
+        )
+        xp, kl = shares.xp, shares.kl
+        drift = (dsd.detach() - inputs["latent_dsd_rollout"]).abs().mean() if dsd.numel() else dsd.sum()
+        term = shares.loss
         stats = torch.stack([xp.detach(), kl.detach(), dsd.detach().mean(), drift.float()]).float()
         xp_mean, kl_mean, dsd_mean, drift_mean = self.accelerator.gather(stats).view(-1, 4).mean(dim=0).tolist()
         self._metrics[mode]["latent/relax/xp"].append(xp_mean)

@@ -10,12 +10,11 @@ clipped surrogate, entropy and KL-loss exactly as configured, and adds the ReLaX
 
 Scaling across micro-batches and data-parallel ranks follows verl's convention (``agg_loss``): the engine
 sums micro-batch losses and FSDP averages gradients over ``dp_size`` ranks, so each micro-batch adds
-``dp_size · Σ_f (n_f / N) · LME_f`` where the f are the prompt groups present in the micro-batch (``n_f``
-of their responses are here), LME_f their log-mean-exp and N = ``global_batch_size`` (responses in the
-mini-batch over all ranks).  When every micro-batch holds whole groups this is exactly the paper's mean
-over groups; when verl splits a group across micro-batches each part is a log-mean-exp over the part
-(reported as ``latentx/relax_split_groups``).  The KL over I is averaged within the micro-batch and weighted
-by its share of responses (exact when one micro-batch is the mini-batch, as in the authors' code).
+``dp_size ·`` its summable share from :func:`latentx.objectives.relax.relax_terms` (the one implementation of
+the terms), with the mini-batch's totals: N = ``global_batch_size``, G = N / R, tokens = ``batch_num_tokens``,
+and |I|, I and each group's rollout log-sum-exp from the driver's plan (:func:`relax_plan_fields`, written
+into the batch after the advantages).  With the plan any split of the mini-batch gives the unsplit value and
+gradient (split groups: first order around the rollout, exact on-policy); without it see :func:`relax_terms`.
 """
 
 from __future__ import annotations
@@ -26,9 +25,10 @@ import torch
 from torch import Tensor
 
 from latentx.objectives.base import k3_kl, per_response_mean, valid_only
-from latentx.objectives.relax import RelaxConfig, exploration_term, relax_kl_set
+from latentx.objectives.relax import BatchTotals, RelaxConfig, relax_batch_plan, relax_kl_set
+from latentx.objectives.relax import relax_terms as core_relax_terms
 
-__all__ = ["relax_terms", "relax_ppo_loss", "group_ids"]
+__all__ = ["relax_terms", "relax_ppo_loss", "group_ids", "relax_plan_fields", "PLAN_FIELDS"]
 
 
 def group_ids(uids: Any, device: torch.device) -> Tensor:
@@ -52,8 +52,11 @@ def relax_terms(
     dp_size: int = 1,
     global_batch_size: int | None = None,
     group_size: int | None = None,
+    batch_num_tokens: int | None = None,
+    plan: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """``α·L_xp + β·mean_{i∈I} KL_i`` of one micro-batch, scaled for verl's accumulation (module docstring).
+    """``α·L_xp + β·KL_I`` of one micro-batch, scaled for verl's accumulation: ``dp_size ·``
+    :func:`latentx.objectives.relax.relax_terms` with the mini-batch's totals (module docstring).
 
     Args:
         dsd: ``[B]`` DSD of each response on the current forward (with gradient).
@@ -61,8 +64,14 @@ def relax_terms(
         group: ``[B]`` int prompt groups.
         logp, ref_logp: ``[B, T]`` current / reference log-probs (``ref_logp=None``: no KL term).
         mask: ``[B, T]`` bool response mask.
-        dp_size, global_batch_size: verl's ``data["dp_size"]`` / ``data["global_batch_size"]``.
-        group_size: R (to report how many groups verl split across micro-batches).
+        dp_size, global_batch_size, batch_num_tokens: verl's ``data["dp_size"]`` / ``["global_batch_size"]``
+            (responses of the mini-batch over all ranks) / ``["batch_num_tokens"]``.
+        group_size: R (groups = global_batch_size / R; also to report groups verl split across micro-batches).
+        plan: optional per-response rows of the whole-batch plan (:func:`latentx.objectives.relax.relax_batch_plan`
+            on the rollout DSDs): ``in_set``, ``group_lse``, ``group_count``, ``kl_set_size``.  With it, I and
+            split groups are exact; without it I is decided on this micro-batch's DSDs (absolute ξ), |I| is
+            estimated as this micro-batch's count scaled to the mini-batch, and each part of a split group
+            counts as a group (biased; reported as ``latentx/relax_split_groups``).
 
     Returns:
         ``(loss, metrics)``; with ``dp_size=1`` and ``global_batch_size=B`` the loss equals
@@ -71,43 +80,75 @@ def relax_terms(
     mask = mask.bool()
     adv = per_response_mean(valid_only(advantages.detach(), mask), mask)
     dsd = dsd.float()
-    in_set = relax_kl_set(adv, dsd, cfg.xi, cfg.kl_set)
-    detach = in_set if cfg.kl_set == "code" else None
     B = dsd.shape[0]
-    total = float(global_batch_size) if global_batch_size else float(max(B, 1))
-
-    if cfg.lme_scope == "microbatch":
-        parts = [(exploration_term(adv, dsd, group, "microbatch", detach), B)]
+    N = int(global_batch_size) if global_batch_size else max(B, 1)
+    local_groups, local_counts = torch.unique(group, return_counts=True)
+    R = int(group_size) if group_size else (int(local_counts.max()) if local_counts.numel() else 1)
+    tokens = int(batch_num_tokens) if batch_num_tokens else int(mask.sum()) * N // max(B, 1)
+    length = cfg.resolved_pad_to(int(mask.shape[1])) or int(mask.shape[1])
+    if plan is not None:
+        in_set = plan["in_set"].to(dsd.device).bool()
+        set_total = int(plan["kl_set_size"].reshape(-1)[0]) if B else 0
+        group_lse, group_count = plan["group_lse"], plan["group_count"]
     else:
-        parts = []
-        for g in torch.unique(group):
-            sel = group == g
-            part_detach = detach[sel] if detach is not None else None
-            parts.append((exploration_term(adv[sel], dsd[sel], group[sel], "group", part_detach), int(sel.sum())))
-    zero = torch.zeros((), dtype=torch.float32, device=dsd.device)
-    xp_weighted = sum((value * count for value, count in parts), zero) / total
-
-    if ref_logp is not None:
-        kl_i = per_response_mean(k3_kl(valid_only(logp, mask), valid_only(ref_logp.detach(), mask)), mask)
-        kl_set_kl = torch.where(in_set, kl_i, zero).sum() / in_set.sum().clamp(min=1).float()
-    else:
-        kl_set_kl = zero
-    kl_weighted = kl_set_kl * (B / total)
-
-    loss = dp_size * (cfg.alpha * xp_weighted + cfg.beta * kl_weighted)
+        in_set = relax_kl_set(adv, dsd, float(cfg.xi), str(cfg.kl_set))
+        set_total = int(in_set.sum()) * N / max(B, 1)  # estimate: this micro-batch's share of I
+        group_lse = group_count = None
+    totals = BatchTotals(groups=max(N // max(R, 1), 1), responses=N, tokens=tokens, in_set=set_total, length=length)
+    terms = core_relax_terms(
+        adv, dsd, group, mask, in_set, cfg, totals, logp=logp, ref_logp=ref_logp,
+        group_lse=group_lse, group_count=group_count,
+    )
+    loss = dp_size * terms.loss
     with torch.no_grad():
-        xp_mean = sum((value for value, _ in parts), zero) / max(len(parts), 1)
-        split = [count for _, count in parts if group_size is not None and count != group_size]
+        split = [int(c) for c in local_counts.tolist() if group_size is not None and c != group_size]
         metrics = {
-            "latentx/relax_xp": float(xp_mean),
+            "latentx/relax_xp": float(terms.xp) * N / max(B, 1),
             "latentx/relax_kl_set_size": float(in_set.sum()),
-            "latentx/relax_kl_set_kl": float(kl_set_kl),
+            "latentx/relax_kl_set_kl": float(terms.kl) * (set_total / max(float(in_set.sum()), 1.0)),
             "latentx/relax_dsd_mean": float(dsd.mean()) if B else 0.0,
             "latentx/relax_dsd_max": float(dsd.max()) if B else 0.0,
-            "latentx/relax_split_groups": float(len(split)) if cfg.lme_scope == "group" else 0.0,
+            "latentx/relax_split_groups": float(len(split)) if cfg.lme_scope == "group" and plan is None else 0.0,
             "latentx/relax_ref_available": 1.0 if ref_logp is not None else 0.0,
         }
     return loss, metrics
+
+
+#: Per-response fields the driver writes from the whole batch's rollout DSDs (:func:`relax_plan_fields`).
+PLAN_FIELDS = ("latentx_in_set", "latentx_group_lse", "latentx_group_count", "latentx_kl_set_size")
+
+
+def relax_plan_fields(advantages: Tensor, mask: Tensor, dsd: Tensor, uids: Any, cfg: RelaxConfig,
+                      length_norm: int) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The driver's whole-batch ReLaX plan (:func:`latentx.objectives.relax.relax_batch_plan` on the rollout
+    DSDs) as dense per-response ``[B]`` float fields (:data:`PLAN_FIELDS`) and its metrics (``latentx/``)."""
+    from latentx.integrations.verl.signals import per_response_values
+
+    mask = mask.bool()
+    adv = per_response_mean(valid_only(advantages.float(), mask), mask)
+    group = group_ids(uids, adv.device)
+    plan = relax_batch_plan(adv, per_response_values(dsd, "latentx_dsd").to(adv.device), group, mask.sum(1), cfg,
+                            length_norm)
+    B = adv.shape[0]
+    fields = {
+        "latentx_in_set": plan.in_set.float(),
+        "latentx_group_lse": plan.group_lse.float(),
+        "latentx_group_count": plan.group_count.float(),
+        "latentx_kl_set_size": torch.full((B,), float(plan.totals.in_set)),
+    }
+    return fields, {f"latentx/relax_{k}": v for k, v in plan.metrics.items()}
+
+
+def _plan_rows(data: Any) -> dict[str, Tensor] | None:
+    """This micro-batch's rows of the driver's plan, or None when the driver wrote none."""
+    from latentx.integrations.verl.signals import per_response_values
+
+    keys = set(data.keys())
+    if not all(k in keys for k in PLAN_FIELDS):
+        return None
+    rows = {k[len("latentx_"):]: per_response_values(data[k], k) for k in PLAN_FIELDS}
+    rows["in_set"] = rows["in_set"] > 0.5
+    return rows
 
 
 def relax_ppo_loss(
@@ -153,6 +194,8 @@ def relax_ppo_loss(
         dp_size=int(tu.get(data, "dp_size", 1) or 1),
         global_batch_size=tu.get(data, "global_batch_size", None),
         group_size=group_size,
+        batch_num_tokens=tu.get(data, "batch_num_tokens", None),
+        plan=_plan_rows(data),
     )
     for key, value in extra_metrics.items():
         metrics[key] = Metric(value=value, aggregation=AggregationType.MEAN)

@@ -64,6 +64,8 @@ def prepare_config(config: DictConfig) -> LatentxSettings:
         root = config.trainer.default_local_dir
         settings.dictionary_path = os.path.join(os.path.abspath(str(root)), DICTIONARY_FILE)
     if settings.needs_dsd:
+        if settings.relax.pad_to == -1:  # relax.preset=authors: L_max = verl's max response length
+            object.__setattr__(settings.relax, "pad_to", int(config.data.max_response_length))
         if settings.relax.beta > 0 and not need_reference_policy(config):
             raise ValueError(
                 f"latentx.relax.beta={settings.relax.beta} needs reference log-probs: set "
@@ -99,6 +101,9 @@ class LatentxPPOTrainerSync(PPOTrainerSync):
             data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=list(MONITOR_FIELDS))
             keep = torch.tensor([not tag.get("is_padding", False) for tag in meta.tags], dtype=torch.bool)
             metrics.update(monitor_batch_metrics(data, keep))
+        settings = getattr(self, "latentx_settings", None)
+        if settings is not None and settings.needs_dsd:
+            return self._latentx_relax_plan(batch, metrics)
         if self.latentx_shaper is None:
             return batch
         fields = shaping_fields(self.latentx_shaper)
@@ -111,6 +116,27 @@ class LatentxPPOTrainerSync(PPOTrainerSync):
         batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
         metrics.update(info)
         return batch
+
+    def _latentx_relax_plan(self, batch, metrics: dict):
+        """ReLaX: I, |I| and each group's rollout log-sum-exp on the whole batch (``relax_plan_fields``), written
+        into the batch for the actor's loss.  Before the dictionary exists (first pass) there is no rollout
+        DSD and nothing is written (the loss then decides I per micro-batch)."""
+        from latentx.integrations.verl.loss import relax_plan_fields
+
+        fields = ["advantages", "response_mask", "latentx_dsd", "uid"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        if "latentx_dsd" not in data.keys():
+            return batch
+        padded = data.select("advantages", "response_mask").to_padded_tensor()
+        uids = data["uid"]
+        uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
+        rc = self.latentx_settings.relax
+        length = int(self.config.data.get("max_response_length", padded["response_mask"].shape[1]))
+        plan, info = relax_plan_fields(
+            padded["advantages"], padded["response_mask"], data["latentx_dsd"], uids, rc, rc.resolved_pad_to(length) or length
+        )
+        metrics.update(info)
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(plan, batch_size=len(batch)))
 
     def _save_checkpoint(self):
         super()._save_checkpoint()
