@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 VERL_VENV ?= .venv-verl
 VBIN := $(VERL_VENV)/bin
 
-.PHONY: venv test test-slow demo bench clean venv-verl test-verl
+.PHONY: venv test test-slow demo demo-vl bench clean venv-verl test-verl
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,14 @@ clean:
 # The main job on its embedded defaults: tiny model, countdown, ReLaX, on CPU.
 demo: venv
 	$(BIN)/latentx train --out runs/demo
+
+# ReLaX on the built-in tiny vision-language model and the visual countdown (configs/demo-vl.yaml), then the
+# latent-dynamics report with the image-blind control (same model and dictionary, blank images).
+demo-vl: venv
+	$(BIN)/latentx train --config configs/demo-vl.yaml --out runs/demo-vl
+	$(BIN)/latentx analyze --model runs/demo-vl --dictionary runs/demo-vl --image-blind --task vcountdown \
+		--task-option num_operands=2 --task-option max_value=12 --task-option max_target=40 \
+		--prompts 32 --samples 4 --max-new-tokens 16 --out runs/demo-vl/analyze
 
 # verl 0.9.1 pins transformers<5.11 and an older antlr4: it lives in its own environment.
 $(VBIN)/.installed: requirements/verl.txt requirements/verl-constraints.txt pyproject.toml

@@ -46,7 +46,7 @@ def test_overrides_are_typed():
         ({"inner": {"alpah": 1}}, "unknown config key 'inner.alpah'"),
         ({"steps": "many"}, "steps must be an integer"),
         ({"steps": 1.5}, "steps must be an integer"),
-        ({"flag": "yes"}, "flag must be true or false"),
+        ({"flag": "maybe"}, "flag must be true or false"),
         ({"inner": {"mode": "other"}}, "inner.mode must be one of"),
         ({"inner": {"alpha": -1}}, "inner.alpha must be >= 0"),
         ({"inner": 3}, "inner must be a mapping"),
@@ -82,3 +82,83 @@ def test_to_dict_is_plain():
         "steps": 10, "name": "run", "flag": False, "ks": [1, 4],
         "inner": {"alpha": 0.1, "mode": "paper", "threshold": None},
     }
+
+
+@dataclass
+class Choices:
+    reference: Literal["auto", "yes", "no"] = "auto"
+    switch: Literal["on", "off"] = "on"
+    word: str = "x"
+    flag: bool = False
+
+
+@pytest.mark.parametrize("word", ["no", "yes", "on", "off", "y", "n", "No", "OFF"])
+def test_yaml_11_boolean_words_stay_strings(tmp_path, word):
+    """Issue 18 item 11: YAML 1.1 read `no` as False, so `--set model.reference=no` was rejected."""
+    assert apply_overrides(Choices(), [f"word={word}"]).word == word
+    path = tmp_path / "c.yaml"
+    path.write_text(f"word: {word}\nflag: {word}\n")
+    cfg = load_yaml(Choices, path)
+    assert cfg.word == word and cfg.flag is (word.lower() in ("yes", "on", "y"))
+    assert apply_overrides(Choices(), [f"flag={word}"]).flag is (word.lower() in ("yes", "on", "y"))
+
+
+def test_boolean_words_as_choices_round_trip(tmp_path):
+    cfg = apply_overrides(Choices(), ["reference=no", "switch=off"])
+    assert (cfg.reference, cfg.switch) == ("no", "off")
+    save_yaml(cfg, tmp_path / "c.yaml")
+    assert load_yaml(Choices, tmp_path / "c.yaml") == cfg
+    assert apply_overrides(Choices(), ["reference=yes", "switch=on"]).reference == "yes"
+    assert apply_overrides(Choices(), ["flag=true"]).flag is True and apply_overrides(Choices(), ["flag=False"]).flag is False
+
+
+def test_non_utf8_yaml_names_the_file(tmp_path):
+    """Issue 18 item 9: a non-UTF-8 config gave a UnicodeDecodeError traceback that did not name the file."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not a UTF-8 text file"):
+        load_yaml(Outer, path)
+
+
+def _documented_set_examples() -> list[tuple[str, ...]]:
+    """Every ``--set key=value`` the README and docs show, and every backticked ``section.field=value``
+    whose section is a latentx config section (verl's own hydra overrides in docs/verl.md are not).
+    Examples on one line go together (``eval.n=8``, ``eval.ks=1,8``); ``a=x|y`` gives one group per value."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from latentx.trainer import TrainConfig
+
+    sections = {f.name for f in dataclasses.fields(TrainConfig)} | {"study"}
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *sorted((root / "docs").rglob("*.md")), *sorted((root / "configs").glob("*.yaml"))]
+    groups: set[tuple[str, ...]] = set()
+    for path in files:
+        for line in path.read_text().splitlines():
+            found = re.findall(r"--set[ =]([A-Za-z_][\w.]*=[^\s`'\"\]\)]+)", line)
+            found += [e for e in re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)+=[^`\s]+)`", line) if e.split(".")[0] in sections]
+            found = [e for e in found if not e.endswith("=...") and not e.startswith("section.field=")]
+            plain = [e for e in found if "|" not in e]
+            alternatives = [e for e in found if "|" in e]
+            if plain:
+                groups.add(tuple(plain))
+            for example in alternatives:
+                key, values = example.split("=", 1)
+                groups.update((*plain, f"{key}={value}") for value in values.split("|"))
+    return sorted(groups)
+
+
+def test_documented_set_examples_are_accepted():
+    from latentx.config import merge_overrides
+    from latentx.study import load_study_config
+    from latentx.trainer import TrainConfig
+
+    groups = _documented_set_examples()
+    flat = {example for group in groups for example in group}
+    assert {"model.reference=no", "relax.alpha=0.2", "steps=5"} <= flat, groups
+    for group in groups:
+        if any(example.startswith("study.") for example in group):
+            load_study_config(None, list(group))
+        else:
+            from_dict(TrainConfig, merge_overrides({}, list(group)))

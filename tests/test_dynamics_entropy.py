@@ -64,3 +64,28 @@ def test_invalid_logits_name_the_response() -> None:
         token_entropy(torch.randn(3, 4), mask)
     with pytest.raises(ValueError, match="mask"):
         token_entropy(torch.randn(3, 4, 5), mask[:, :3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("junk", [float("nan"), -float("inf"), float("inf"), 1e30])
+def test_padding_is_invisible_in_value_and_gradient(dtype, junk) -> None:
+    """Issue 18 item 8: NaN / -inf logits in *padded* positions gave a NaN gradient there."""
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randn(2, 4, 6, generator=g).to(dtype)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]]).bool()
+    dirty = clean.clone()
+    dirty[~mask] = junk  # whole padded rows
+    dirty[1, 1, 0] = clean[1, 1, 0]
+    dirty[0, 2, 3] = float("nan")  # and single entries
+    grads = []
+    values = []
+    for logits in (clean, dirty):
+        logits = logits.clone().requires_grad_(True)
+        value = token_entropy(logits, mask)
+        (value * torch.tensor([1.0, 2.0], dtype=value.dtype)).sum().backward()
+        grads.append(logits.grad)
+        values.append(value.detach())
+    assert torch.isfinite(grads[1]).all()
+    assert (grads[1][~mask] == 0).all()
+    torch.testing.assert_close(values[1], values[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

@@ -39,3 +39,11 @@ def test_monitor_off_and_the_old_option_name(tmp_path):
     assert "entropy_q50" in row and not any(key.startswith(("er_", "dsd_")) for key in row)
     old = from_dict(TrainConfig, {"signals": {"track": False}})
     assert old.signals.monitor is False and old.signals.track is None
+
+
+def test_trackers_put_the_monitor_statistics_under_latent():
+    from latentx.reporting import tag_for
+
+    for name in MONITOR_SIGNALS:
+        for key in metric_names(name)[2:]:  # quantiles and correlation: the names TRL / verl log under latent/
+            assert tag_for(key) == f"latent/{key}", key

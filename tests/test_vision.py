@@ -6,6 +6,7 @@ import io
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -282,3 +283,17 @@ def test_user_task_with_images(tiny_vl):
     seqs = sample_responses(model, tokenizer, [task.format_prompt(i, tokenizer) for i in instances], 2, 4,
                             images=task_images(task, instances))
     assert seqs.extra_inputs is not None and seqs.input_ids.shape[0] == 6
+
+
+@pytest.mark.slow  # the whole analysis with figures and report: ~1 min on the loaded 2-core machine
+def test_analyze_image_blind_control(tmp_path):
+    """``analyze --image-blind``: every model also runs with blank images, under its own label."""
+    from latentx.analyze.pipeline import AnalyzeConfig, run_analysis
+
+    cfg = AnalyzeConfig(models=["tiny-vl"], out=str(tmp_path), task="vcountdown", prompts=3, samples=2,
+                        max_new_tokens=8, image_blind=True, task_options={"num_operands": 2})
+    analysis = run_analysis(cfg, progress=False, log=lambda message: None, strict=True)
+    labels = [r.label for r in analysis.models]
+    assert labels == ["tiny-vl", "tiny-vl-noimage"]
+    seeing, blind = (np.asarray(r.columns["er"]) for r in analysis.models)
+    assert seeing.shape == blind.shape and not np.allclose(seeing, blind)

@@ -11,11 +11,86 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+    from typer.exceptions import Abort, Exit
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import Abort, ClickException, Exit, UsageError
 
 from latentx import __version__
 
+DEBUG_ENV = "LATENTX_DEBUG"
+#: exceptions that mean "the input is wrong" (a bad setting, file, model spec, data file): exit code 2.
+USER_ERRORS = (ValueError, OSError, LookupError)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_line(error: BaseException) -> tuple[str, int]:
+    """The one line ``latentx`` prints for an exception, and its exit code (2: user error, 1: other)."""
+    message = _one_line(str(error)) or type(error).__name__
+    if isinstance(error, USER_ERRORS):
+        if isinstance(error, (OSError, UnicodeError)) and type(error).__name__ not in message:
+            message = f"{type(error).__name__}: {message}"
+        return f"error: {message}", 2
+    return (f"error: {type(error).__name__}: {message} (an internal error; {DEBUG_ENV}=1 shows the traceback)", 1)
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {_one_line(str(message))}\n"
+
+
+class _Group(TyperGroup):
+    """Every error of every sub-command becomes one ``error: ...`` line on stderr (no traceback unless
+    ``LATENTX_DEBUG=1``): exit 2 for a user error (bad option, setting, file, model, data), 1 otherwise."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as error:
+            self._usage_error(error)
+
+    def invoke(self, ctx):
+        import logging
+        import warnings
+
+        warnings.formatwarning = _warning_line
+        # The hub client logs every retry of an unreachable host (five lines, then our one-line error).
+        logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
+        try:
+            return super().invoke(ctx)
+        except (Exit, Abort):
+            raise
+        except UsageError as error:
+            self._usage_error(error)
+        except ClickException:
+            raise  # typer shows these in one short block already
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - shown as one line, the traceback only on request
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            line, code = error_line(error)
+            typer.echo(line, err=True)
+            raise Exit(code) from None
+
+    @staticmethod
+    def _usage_error(error: UsageError):
+        if type(error).__name__ == "NoArgsIsHelpError" or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise error
+        where = error.ctx.command_path if error.ctx is not None else "latentx"
+        typer.echo(f"error: {_one_line(error.format_message())} (see `{where} --help`)", err=True)
+        raise Exit(2) from None
+
+
 app = typer.Typer(
     name="latentx",
+    cls=_Group,
     help="RLVR with exploration steered by hidden-state dynamics (ReLaX, VERL).",
     no_args_is_help=True,
     add_completion=False,
@@ -80,6 +155,7 @@ def train_cmd(
             from latentx.config import merge_overrides
 
             cfg = from_dict(TrainConfig, merge_overrides({}, overrides))
+        _validate_before_loading(cfg)
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
@@ -95,6 +171,24 @@ def train_cmd(
         raise typer.Exit(2)
     if not quiet:
         _print_summary(summary, cfg)
+
+
+def _validate_before_loading(cfg) -> None:
+    """Checks that need no model: the run directory being continued was made with the same settings
+    (:func:`latentx.checkpoint.check_same_run`), and the model can be found (a run with a checkpoint
+    continues from its own weights and no longer needs ``model.name``).  Nothing is written."""
+    from latentx.checkpoint import check_same_run, latest_checkpoint
+    from latentx.config import ConfigError, to_dict
+    from latentx.models import TINY_SPEC, resolve_model_path
+    from latentx.trainer import resolve_config
+
+    check_same_run(cfg.run_dir, to_dict(resolve_config(cfg)))
+    if cfg.model.name == TINY_SPEC or latest_checkpoint(cfg.run_dir) is not None:
+        return
+    try:
+        resolve_model_path(cfg.model.name)
+    except ValueError as err:
+        raise ConfigError(f"model.name: {err}") from None
 
 
 def _print_summary(summary: dict, cfg) -> None:

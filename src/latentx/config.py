@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import types
 import typing
@@ -21,11 +22,37 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from latentx.crashpoints import crash_point
+
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A malformed config: the message names the offending field."""
+
+
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but only ``true`` / ``false`` are booleans (the YAML 1.2 rule).
+
+    YAML 1.1 also reads ``yes / no / on / off / y / n`` as booleans, which turned the documented
+    ``--set model.reference=no`` into ``False``.  Here those words stay the strings they were written as;
+    boolean fields accept them back (see :func:`_coerce`).
+    """
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_BOOL_WORDS = {"true": True, "yes": True, "y": True, "on": True, "false": False, "no": False, "n": False, "off": False}
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with the YAML 1.2 boolean rule (``no`` / ``off`` / ``yes`` / ``on`` stay strings)."""
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -67,7 +94,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         return from_dict(tp, value, prefix=field)
     if origin in (list, tuple):
         if isinstance(value, str) and "," in value:
-            value = [yaml.safe_load(v.strip()) for v in value.split(",")]
+            value = [parse_yaml(v.strip()) for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             value = [value]
         args = get_args(tp)
@@ -81,6 +108,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:  # yes / no / on / off
+            return _BOOL_WORDS[value.strip().lower()]
         raise ConfigError(f"{field} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -160,7 +189,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty field name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -195,16 +224,30 @@ def load_yaml(cls: type[T], path: str | os.PathLike, overrides: typing.Iterable[
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     try:
         return from_dict(cls, merge_overrides(data, overrides))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def read_yaml_file(path: str | os.PathLike) -> Any:
+    """The parsed contents of a YAML file (YAML 1.2 booleans); unreadable, non-UTF-8 or malformed files
+    raise a one-line :class:`ConfigError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        return parse_yaml(text) or {}
+    except yaml.YAMLError as err:
+        one_line = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid YAML ({one_line})") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -217,6 +260,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point("atomic_write:temporary_written", path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -586,6 +586,12 @@ def run_evaluation(
         raise ValueError("benchmarks must name at least one benchmark")
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"backend must be 'auto', 'hf' or 'vllm', got {backend!r}")
+    from latentx.models import TINY_SPEC, resolve_model_path
+    from latentx.tasks.grading import validate_grading_args
+
+    validate_grading_args(timeout, workers)  # before anything is loaded or generated
+    if model != TINY_SPEC:
+        resolve_model_path(model)
     prompt_template = get_template(template)
     loaded = [load_benchmark(spec, limit=limit) for spec in benchmarks]
     names = _unique_names([b.name for b in loaded])
@@ -657,7 +663,9 @@ def regrade(
     is not stored, so ``problem.problem`` is empty).
     """
     from latentx.tasks.benchmarks import Problem
-    from latentx.tasks.grading import extract_answer
+    from latentx.tasks.grading import extract_answer, validate_grading_args
+
+    validate_grading_args(timeout, workers)
 
     run = Path(run_dir)
     results_path, samples_path = run / RESULTS_FILE, run / SAMPLES_FILE

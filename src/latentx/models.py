@@ -298,6 +298,11 @@ def resolve_model_path(spec: str) -> tuple[str, str | None]:
             raise ValueError(f"model spec {spec!r}: GGUF file does not exist")
         return str(path.parent.resolve()), path.name
     if path.is_dir():
+        from latentx.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(path)  # the newest complete step_N, also when LATEST lags behind it
+        if newest is not None:
+            return str(_checkpoint_model_dir(newest)), None
         latest = path / "checkpoints" / "LATEST"
         if latest.is_file():
             name = latest.read_text().strip()

@@ -19,7 +19,9 @@ Keys are namespaced the way TRL and CleanRL name theirs (:func:`tag_for`):
 ``train/``         rollout outcome: ``reward`` (= ``reward_mean``), ``reward_std``, ``accuracy``,
                    ``group_pass_rate``, ``entropy``, ``length``, advantages, ``grad_norm``, ``tokens``
 ``latent/``        hidden-state signals and what VERL derives from them: ``dsd_mean``, ``er_mean``,
-                   ``erv_mean``, ``era_mean`` (+ ``_std`` / ``_min`` / ``_max``), ``verl_*``
+                   ``erv_mean``, ``era_mean`` (+ ``_std`` / ``_min`` / ``_max``), ``verl_*``; the monitor's
+                   quantiles and reward correlations (``er_q50``, ``entropy_q50``, ``dsd_reward_corr``, ...:
+                   the names TRL's ``latent_monitor`` and verl's ``latentx.monitor`` log, :mod:`latentx.monitor`)
 ``grads/``         per-term gradient diagnostics (``diagnostics.term_grads_every``): ``grad_share/xp`` ->
                    ``grads/share/xp``, ``grads/norm/<term>``, ``grads/cos_pg/<term>``
 ``time/``          ``time_step`` -> ``time/step``, ``time/generate``, ``time/signals``, ...
@@ -47,7 +49,7 @@ REPORTERS = ("none", "tensorboard", "wandb")
 _TRAIN_MEANS = ("reward", "entropy", "length")  # <name>_mean -> train/<name>
 _TRAIN_KEYS = {"accuracy", "group_pass_rate", "adv_mean", "adv_std", "adv_abs_mean", "grad_norm", "tokens",
                "reward_std", "entropy_std", "length_std"}
-_LATENT_PREFIXES = ("dsd_", "er_", "erv_", "era_", "verl_")
+_LATENT_PREFIXES = ("dsd_", "er_", "erv_", "era_", "verl_", "entropy_q", "entropy_reward_corr")  # + latentx.monitor
 
 
 class ReportingError(ValueError):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from latentx import dynamics
+from latentx import checkpoint as run_files
 from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from latentx.config import atomic_write_text, save_yaml, to_dict
 from latentx.monitor import monitor_metrics
@@ -234,16 +235,17 @@ class Trainer:
         from latentx.tasks import build_task
         from latentx.warmstart import warm_start
 
+        run_files.check_same_run(cfg.run_dir, to_dict(resolve_config(cfg)))  # before anything is written
         self.cfg = cfg
         self.progress = progress
         self.log = log
         self.run_dir = cfg.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = _device(cfg.model.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        self.task = build_task(cfg.task)
+        self.task = build_task(cfg.task)  # bad task data is an error before the run directory exists
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint = latest_checkpoint(self.run_dir)
         if self.checkpoint is not None:
             self.model, self.tokenizer = load_model(str(self.checkpoint), device=str(self.device), dtype=cfg.model.dtype)
@@ -287,6 +289,9 @@ class Trainer:
         self.step = 0
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
+        # Rows after the checkpoint (all rows, without one) belong to steps that will run again.
+        run_files.sweep_temporaries(self.run_dir)
+        run_files.truncate_metrics(self.run_dir, self.step)
 
     # -- set-up helpers ---------------------------------------------------------------------------
 
@@ -346,11 +351,6 @@ class Trainer:
             )
             self.dictionary.to(self.device)
         set_rng_state(state["rng"])
-        # Metrics logged after the checkpoint belong to steps that will be re-run.
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     # -- one RL step ------------------------------------------------------------------------------
 
@@ -620,8 +620,7 @@ class Trainer:
         for key, value in row.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise FloatingPointError(f"step {self.step}: metric {key} is {value}; stopping before it spreads")
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        run_files.append_metrics(self.run_dir, row)
         return row
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -707,10 +706,7 @@ class Trainer:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return run_files.read_metrics(run_dir)
 
 
 def train(cfg: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:

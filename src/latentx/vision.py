@@ -72,6 +72,14 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # in front of the text.
 IMAGE_MARKER = "<image>"
 _PROCESSOR_ATTR = "latentx_processor"
+# tiny-vl's (processor-only) chat template: the turns' text and image placeholders, no role markers, so a
+# conversational prompt renders exactly as the plain one (what TRL's multimodal path needs).
+TINY_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
+)
 # Per-token fields of a processor's output: left-padded with the prompt, extended over the response with 0.
 TOKEN_FIELDS = ("mm_token_type_ids", "token_type_ids")
 
@@ -194,7 +202,8 @@ def build_tiny_vl_model(seed: int = 0, **overrides):
         setattr(model.generation_config, key, getattr(tokenizer, key))
     model.eval()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    processor = _tiny_processor_class()(image_processor=image_processor, tokenizer=tokenizer)
+    processor = _tiny_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=TINY_VL_CHAT_TEMPLATE)
     return model, attach_processor(tokenizer, processor)
 
 

@@ -44,10 +44,14 @@ def token_entropy(logits: Tensor, mask: Tensor) -> Tensor:
         mask: ``[B, T]`` bool, True on response tokens.
 
     Returns 0 for a response without valid tokens.  Raises ``ValueError`` naming the response index when a
-    valid position has NaN / +inf logits or no finite logit.
+    valid position has NaN / +inf logits or no finite logit.  Padded positions never enter the computation,
+    whatever they hold: their logits are *replaced* by zeros before the softmax (not multiplied by the mask
+    afterwards, which lets a NaN / -inf padding logit put NaN into the gradient), so both the value and the
+    gradient are exactly those of the valid tokens (METHODS.md section 0: padding is invisible).
     """
     logits = _check_logits(logits)
     mask = check_mask(mask, tuple(logits.shape[:2]), logits.device)
+    logits = torch.where(mask[:, :, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     entropies = token_entropies(logits)
     bad = (mask & ~torch.isfinite(entropies.detach())).any(dim=1)
     if bool(bad.any()):

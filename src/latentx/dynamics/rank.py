@@ -25,12 +25,14 @@ Numerics shared by every function here
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from latentx.dynamics._validate import check_trajectories, compute_dtype, pack_valid
+from latentx.dynamics.koopman import _to_compute
 
 __all__ = ["RankDynamics", "effective_rank", "rank_dynamics", "rank_dynamics_reference"]
 
@@ -73,6 +75,16 @@ def _center(X: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """
     Xd = X.double()
     valid = torch.arange(X.shape[1], device=X.device)[None, :] < lengths[:, None]
+    pre = torch.ones(X.shape[0], dtype=torch.float64, device=X.device)
+    if X.dtype == torch.float64 and X.numel():
+        # Rows near the float64 limit (1.8e308) overflow their own sum and the centered values: divide such a
+        # response by a power of two first (exact), folded into c below (found by tests/test_dynamics_degenerate.py).
+        raw_top = Xd.detach().abs().amax(dim=(1, 2))
+        big = raw_top > _SAFE_SCALE[1]
+        if bool(big.any()):
+            power = torch.ldexp(torch.ones_like(raw_top), torch.frexp(raw_top).exponent - 1)  # <= raw_top
+            pre = torch.where(big, power, pre)
+            Xd = Xd / pre[:, None, None]
     mean = Xd.sum(dim=1, keepdim=True) / lengths.clamp_min(1)[:, None, None].to(torch.float64)
     Xc = Xd - mean
     if X.shape[0] and int(lengths.min()) < X.shape[1]:
@@ -84,7 +96,7 @@ def _center(X: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         if bool(rescale.any()):
             scale = torch.where(rescale, top, scale)
             Xc = Xc / scale[:, None, None]
-    return Xc, _ER_EPS / scale
+    return Xc, _ER_EPS / (scale * pre)
 
 
 def _effective_rank_packed(X: Tensor, lengths: Tensor) -> Tensor:
@@ -124,7 +136,8 @@ def effective_rank(H: Tensor, mask: Tensor) -> Tensor:
         including repeated and zero singular values (see the module docstring).
     """
     H, mask = check_trajectories(H, mask)
-    X, lengths = pack_valid(H, mask)
+    # The guarded cast keeps the gradient finite in H's dtype (e.g. float16 at tiny scales; see koopman.py).
+    X, lengths = pack_valid(_to_compute(H), mask)
     return _effective_rank_packed(X, lengths)
 
 
@@ -274,6 +287,15 @@ def _er_svd(X: Tensor) -> Tensor:
     """ER of one unpadded trajectory by SVD of the centered rows, exactly as METHODS.md section 1 reads."""
     if X.shape[0] < 2:
         return X.new_zeros(())
+    # Values near the dtype's limit overflow X - mean: divide by a power of two c first (exact) and use
+    # 1e-8 / c in the denominator, which is the formula on the raw scale.
+    top = float(X.detach().abs().max())
+    if top > 2.0**60:  # in float64, where 1e-8 / c is still a normal number
+        c = math.ldexp(1.0, math.frexp(top)[1] - 1)  # a power of two <= top: finite
+        Xs = X.double() / c
+        sigma = torch.linalg.svdvals(Xs - Xs.mean(dim=0, keepdim=True))
+        p = sigma / (sigma.sum() + _ER_EPS / c)
+        return torch.exp(-(p * torch.log(p + _ER_EPS)).sum()).to(X.dtype)
     sigma = torch.linalg.svdvals(X - X.mean(dim=0, keepdim=True))
     p = sigma / (sigma.sum() + _ER_EPS)
     return torch.exp(-(p * torch.log(p + _ER_EPS)).sum())

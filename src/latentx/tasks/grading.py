@@ -16,9 +16,18 @@ math-verify's own timeout uses ``signal.alarm``: it only works in the main threa
 interrupt a long C-level computation anyway (``verify`` on ``9^{9^{9^9}}`` runs big-integer arithmetic
 for minutes). So we switch it off (``parsing_timeout=None``, ``timeout_seconds=None``) and enforce our
 own limit by running the symbolic check in a *reusable worker subprocess*: the caller waits on a pipe
-with a deadline and, if the deadline passes, kills the worker (the next check starts a fresh one).
+with a deadline and, if the deadline passes, kills the worker.
 This works from any thread, from daemon / pool processes (plain ``subprocess``, not ``multiprocessing``)
 and can never hang.
+
+The limit covers the whole call, worker start-up included (issue 18 item 10: a call right after a
+timeout used to pay 0.6-2 s to start a fresh worker, outside its limit).  Callers never start a worker
+themselves: they wait, until their deadline at most, for an idle one or one being started on a
+background thread, and the pool keeps one warm *spare* beyond the workers in use, replaced in the
+background whenever one is taken or killed.  A check that finds no ready worker within its limit counts
+as wrong, like one that runs out of time; :func:`prewarm` starts workers ahead of the first checks (a
+cold start on a loaded machine can take longer than a short limit).  ``bench/grader.py --limits``
+measures the wall time of calls right after a timeout, from 1 and 4 threads.
 
 Keeping the common case cheap:
 
@@ -26,7 +35,7 @@ Keeping the common case cheap:
   decided in-process by exact rational comparison — no subprocess, no sympy — whenever the answer is
   certain (equal numbers, or different integers); anything else goes to math-verify;
 - workers are started once (about 1 s: importing sympy) and then reused; one idle worker is kept per
-  concurrent caller thread, so a single-threaded training loop uses exactly one;
+  concurrent caller thread (plus the spare);
 - the check inside the worker costs what math-verify costs (a pipe round trip adds ~0.1 ms).
 
 :func:`grade_many` grades a batch on a pool of such workers, driven by one thread each.
@@ -49,7 +58,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["extract_answer", "grade_answer", "grade_many", "normalize_number", "GraderError"]
+__all__ = ["extract_answer", "grade_answer", "grade_many", "normalize_number", "prewarm", "validate_grading_args", "GraderError"]
 
 
 class GraderError(RuntimeError):
@@ -362,37 +371,107 @@ class _Worker:
 
 
 class _WorkerPool:
-    """Idle workers shared by the threads of this process (one is created per concurrent caller)."""
+    """Grading workers shared by the threads of this process, started in the background.
+
+    Starting a worker costs 0.6-2 s (importing sympy).  So that a call's time limit covers the whole
+    call, start-up included, workers are never started by the caller: :meth:`acquire` waits, until the
+    caller's deadline at most, for an idle worker or one being started on a background thread; and
+    ``spares`` idle workers are kept beyond those in use, topped up in the background whenever one is
+    taken or killed, so a call right after a timeout finds a warm worker.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._idle: list[_Worker] = []
+        self._starting = 0
+        self._waiting = 0
+        self._start_error: GraderError | None = None
         self._pid = os.getpid()
         self.max_idle = max(2, os.cpu_count() or 2)
+        self.spares = 1
 
-    def acquire(self) -> _Worker:
-        with self._lock:
-            if self._pid != os.getpid():  # forked: those workers belong to the parent
-                self._idle, self._pid = [], os.getpid()
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.alive:
-                    return worker
-        return _Worker()
+    def _check_fork(self) -> None:  # lock held
+        if self._pid != os.getpid():  # forked: those workers and starter threads belong to the parent
+            self._idle, self._starting, self._waiting, self._pid = [], 0, 0, os.getpid()
+
+    def _start_one(self) -> None:  # lock held
+        self._starting += 1
+        threading.Thread(target=self._boot, name="latentx-grader-start", daemon=True).start()
+
+    def _boot(self) -> None:
+        worker, error = None, None
+        try:
+            worker = _Worker()
+        except GraderError as err:
+            error = err
+        except Exception as err:  # noqa: BLE001 - reported to the waiting callers
+            error = GraderError(f"the math grading worker did not start: {type(err).__name__}: {err}")
+        with self._cond:
+            if self._pid != os.getpid():  # forked while starting: not ours
+                if worker is not None:
+                    worker.close()
+                return
+            self._starting -= 1
+            if worker is not None:
+                self._idle.append(worker)
+                self._start_error = None
+            else:
+                self._start_error = error
+            self._cond.notify_all()
+
+    def _top_up(self) -> None:  # lock held: keep `spares` idle (or starting) workers in reserve
+        while len(self._idle) + self._starting < self.spares:
+            self._start_one()
+
+    def prewarm(self, count: int = 1) -> None:
+        """Start workers in the background until ``count`` are idle or starting (returns at once)."""
+        with self._cond:
+            self._check_fork()
+            while len(self._idle) + self._starting < count:
+                self._start_one()
+
+    def acquire(self, deadline: float | None = None) -> _Worker | None:
+        """A live worker, or None when none is ready by ``deadline`` (``time.monotonic()``; None: wait as
+        long as a start takes).  Raises :class:`GraderError` when workers fail to start."""
+        if deadline is None:
+            deadline = time.monotonic() + _WORKER_START_LIMIT_S
+        with self._cond:
+            self._check_fork()
+            self._waiting += 1
+            try:
+                while True:
+                    while self._idle:
+                        worker = self._idle.pop()
+                        if worker.alive:
+                            self._top_up()
+                            return worker
+                        worker.close()
+                    if self._start_error is not None and self._starting == 0:
+                        error, self._start_error = self._start_error, None
+                        raise error
+                    while self._starting < self._waiting:
+                        self._start_one()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._cond.wait(remaining)
+            finally:
+                self._waiting -= 1
 
     def release(self, worker: _Worker) -> None:
-        if not worker.alive:
-            return
-        with self._lock:
-            if self._pid == os.getpid() and len(self._idle) < self.max_idle:
+        with self._cond:
+            if worker.alive and self._pid == os.getpid() and len(self._idle) < self.max_idle:
                 self._idle.append(worker)
+                self._cond.notify_all()
                 return
+            self._top_up()  # a worker killed after a timeout: replace it in the background
         worker.close()
 
     def close_all(self) -> None:
-        with self._lock:
+        with self._cond:
             idle, self._idle = self._idle, []
-        if self._pid == os.getpid():
+            mine = self._pid == os.getpid()
+        if mine:
             for worker in idle:
                 worker.close()
 
@@ -401,18 +480,40 @@ _POOL = _WorkerPool()
 atexit.register(_POOL.close_all)
 
 
+def prewarm(workers: int = 1) -> None:
+    """Start ``workers`` grading workers in the background, so that the first checks find them warm
+    (a check's time limit includes waiting for a worker; see :func:`grade_answer`)."""
+    _POOL.prewarm(workers)
+
+
 def _check_with_limit(pred: str, gold: str, timeout: float) -> bool:
-    worker = _POOL.acquire()
+    deadline = time.monotonic() + timeout
+    worker = _POOL.acquire(deadline)
+    if worker is None:  # no worker became ready within the limit: counts as a timeout
+        return False
     try:
-        verdict = worker.check(pred, gold, timeout)
+        remaining = deadline - time.monotonic()
+        verdict = worker.check(pred, gold, remaining) if remaining > 0 else None
     finally:
         _POOL.release(worker)
     return bool(verdict)  # None (timed out) counts as wrong
 
 
 def _validate_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+    if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                    and timeout > 0 and timeout != float("inf")):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+def _validate_workers(workers: int | None) -> None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+
+
+def validate_grading_args(timeout: float | None, workers: int | None = None) -> None:
+    """Check a grading ``timeout`` and ``workers`` up front (callers do it before generating anything)."""
+    _validate_timeout(timeout)
+    _validate_workers(workers)
 
 
 def grade_answer(response: str, gold: str, timeout: float | None = 5.0) -> bool:
@@ -421,7 +522,8 @@ def grade_answer(response: str, gold: str, timeout: float | None = 5.0) -> bool:
     ``gold`` is the reference final answer (``"72"``, ``"\\frac{\\sqrt2}{2}"``, ``"(3, \\pi/2)"``); a full
     solution containing ``\\boxed{}`` or ``#### x`` is reduced to its final answer. A response with no
     extractable answer is wrong. The symbolic check runs in a reusable worker process and counts as
-    wrong when it takes longer than ``timeout`` seconds; ``timeout=None`` runs it in-process without
+    wrong when the call takes longer than ``timeout`` seconds, waiting for a worker included (the call
+    returns within ``timeout`` plus the time to kill a worker); ``timeout=None`` runs it in-process without
     any limit (only for trusted input). Safe to call from any thread.
     """
     if not isinstance(response, str):
@@ -459,9 +561,7 @@ def grade_many(
         raise ValueError(f"responses and golds differ in length: {len(responses)} vs {len(golds)}")
     if workers is None:
         workers = os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
-    _validate_timeout(timeout)
+    validate_grading_args(timeout, workers)
     results: list[bool] = [False] * len(responses)
     pending: list[tuple[int, str, str]] = []
     for i, (response, gold) in enumerate(zip(responses, golds)):
@@ -508,8 +608,14 @@ def _check_chunk(chunk: list[tuple[int, str, str]], timeout: float) -> list[tupl
     worker: _Worker | None = None
     try:
         for i, pred, gold in chunk:
-            if worker is None or not worker.alive:
+            if worker is not None and not worker.alive:
+                _POOL.release(worker)  # killed after a timeout: the pool starts a replacement
+                worker = None
+            if worker is None:
+                # A batch waits for its workers to start (only the checks themselves are timed).
                 worker = _POOL.acquire()
+                if worker is None:
+                    raise GraderError(f"no math grading worker started within {_WORKER_START_LIMIT_S:.0f} s")
             verdicts.append((i, bool(worker.check(pred, gold, timeout))))
     finally:
         if worker is not None:

@@ -124,7 +124,7 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
         },
     )
     latent_monitor_fraction: float = field(
-        default=1.0,
+        default=0.25,
         metadata={"help": "fraction of the local batch the monitor's extra forward runs on, in (0, 1]."},
     )
 

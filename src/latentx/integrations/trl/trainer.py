@@ -96,12 +96,18 @@ class _Capture:
             self.monitor_seconds += time.perf_counter() - start
 
 
+#: The multimodal inputs TRL 1.16's loss forward (``_compute_loss``) passes to the policy, read from the rollout.
+_MULTIMODAL_FIELDS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
 class LatentGRPOTrainer(GRPOTrainer):
     """TRL ``GRPOTrainer`` running the latentx objective chosen by ``args.latent_objective``.
 
     Takes TRL's arguments unchanged, with ``args`` a :class:`LatentGRPOConfig`.  Latent metrics are logged
-    through TRL's ``self._metrics`` under the ``latent/`` prefix.  Latent objectives need a text-only causal
-    LM (the backbone hook reads ``last_hidden_state``).
+    through TRL's ``self._metrics`` under the ``latent/`` prefix.  Latent objectives work on text LMs and
+    vision-language models (the backbone hook reads the decoder's ``last_hidden_state``; the adapter's own
+    rollout forward passes the same multimodal fields as TRL's loss forward).
 
     Extra attribute: ``latent_records`` — set it to a list to have every latent computation recorded
     (inputs, TRL's and latentx's numbers); used by the tests, off (None) by default.
@@ -125,8 +131,6 @@ class LatentGRPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         finally:
             args.beta = user_beta
-        if self.latent_objective in ("relax", "verl") and self._is_vlm:
-            raise ValueError(f"latent_objective={self.latent_objective!r} supports text-only causal LMs in the TRL adapter")
         if args.latent_monitor and self._is_vlm:
             raise ValueError("latent_monitor supports text-only causal LMs in the TRL adapter")
         self._capture: _Capture | None = None
@@ -199,6 +203,10 @@ class LatentGRPOTrainer(GRPOTrainer):
         on every local row or on ``rows`` only (the monitor's sample)."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        # A VLM's rollout: the same multimodal fields TRL's loss forward passes (images, grids, 3-D rope ids).
+        multimodal = {key: output[key] for key in _MULTIMODAL_FIELDS if output.get(key) is not None}
+        if multimodal and rows is not None:
+            raise ValueError("the latent monitor's row sampling supports text-only models; set latent_monitor_fraction=1")
         if rows is not None:
             rows = rows.to(input_ids.device)
             input_ids, attention_mask = input_ids[rows], attention_mask[rows]
@@ -209,6 +217,7 @@ class LatentGRPOTrainer(GRPOTrainer):
                 attention_mask,
                 output["completion_ids"].size(1),
                 batch_size=self.args.per_device_train_batch_size,
+                **multimodal,
             )
 
     # ------------------------------------------------------------------------------------------
