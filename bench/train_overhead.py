@@ -106,14 +106,15 @@ class Replay:
         self.recording, self.position = False, 0
 
 
-def run(variant: str, steps: int, root: str, base: list[str], replay: Replay) -> list[dict]:
+def run(variant: str, steps: int, root: str, base: list[str], replay: Replay, record: bool = False) -> list[dict]:
     cfg = apply_overrides(
         TrainConfig(),
         [*base, *VARIANTS[variant], f"steps={steps}", f"out={root}/{variant}-{time.monotonic_ns()}",
          "eval.enabled=false", "signals.monitor=false", f"checkpoint_every={10**6}"],
     )
     trainer = Trainer(resolve_config(cfg), progress=False, log=lambda *a: None)
-    replay.rewind()
+    if not record:
+        replay.rewind()
     return [trainer.train_step() for _ in range(steps)]
 
 
@@ -126,6 +127,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--force-length", type=int, default=0)
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="after timing, one untimed run per relax variant with diagnostics.term_grads_every=1: "
+                        "DSD range, |I|, per-term gradient shares on the same batches")
     args = parser.parse_args()
     variants = args.objectives.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -149,7 +153,7 @@ def main() -> None:
             first.tokenizer.save_pretrained(Path(root) / "policy")
             base += [f"model.name={root}/policy", "warm_start.enabled=false"]
         # Record the rollout batches once (GRPO run), then replay them to every variant.
-        run("grpo", total, root, base, replay)
+        run("grpo", total, root, base, replay, record=True)
         generate = statistics.median(t for _, t in replay.recorded[args.warmup:])
         times: dict[str, list[float]] = {v: [] for v in variants}
         rows_by: dict[str, list[dict]] = {v: [] for v in variants}
@@ -158,6 +162,12 @@ def main() -> None:
                 rows = run(v, total, root, base, replay)[args.warmup:]
                 times[v].append(statistics.median(r["time_step"] - r["time_generate"] for r in rows))
                 rows_by[v].extend(rows)
+        diagnosed: dict[str, list[dict]] = {}
+        if args.diagnose:
+            for v in variants:
+                if v.startswith("relax"):
+                    VARIANTS[f"{v}+grads"] = [*VARIANTS[v], "diagnostics.term_grads_every=1"]
+                    diagnosed[v] = run(f"{v}+grads", total, root, base, replay)[args.warmup:]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"replayed rollouts: {len(replay.recorded)} batches; {args.repeats} repeats x {args.steps} timed steps "
           f"(+{args.warmup} warm-up); device {device}; torch threads {torch.get_num_threads()}; "
@@ -172,6 +182,15 @@ def main() -> None:
         ref = [r.get("reference_rows", 0.0) for r in rows_by[v]]
         print(f"{v:<15} {med:>15.3f} {statistics.median(ratios):>7.3f}x {min(ratios):>6.3f}-{max(ratios):<6.3f} "
               f"{full:>10.3f}x {statistics.mean(kl):>9.1f} {statistics.mean(ref):>9.1f}")
+    if diagnosed:
+        print(f"\n{'variant':<15} {'DSD min':>9} {'DSD q50':>9} {'DSD max':>9} {'xi used':>9} {'|I|':>6} "
+              f"{'share pg':>9} {'share xp':>9} {'share kl':>9} {'cos(xp,pg)':>10}")
+        for v, rows in diagnosed.items():
+            def m(key):
+                return statistics.mean(r.get(key, 0.0) for r in rows)
+            print(f"{v:<15} {min(r['dsd_min'] for r in rows):>9.4g} {m('dsd_q50'):>9.4g} {max(r['dsd_max'] for r in rows):>9.4g} "
+                  f"{m('xi_used'):>9.4g} {m('kl_set_size'):>6.1f} {m('grad_share/pg'):>9.3f} {m('grad_share/xp'):>9.3f} "
+                  f"{m('grad_share/kl'):>9.3f} {m('grad_cos_pg/xp'):>10.3f}")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,83 @@ def test_presets_load():
     assert any(o.startswith("task.options.eval_path") for o in study.validation_overrides)
 
 
+# ---- the pure aggregate, objective variants, the issue-14 presets ----
+
+def _synthetic_record(pass64: float, mean1: float, counts: list[int], grad_share: float | None = None,
+                      kl: float | None = None) -> dict:
+    """A run record as run_record() makes it, with chosen numbers (n = 4 samples per problem here)."""
+    from latentx.stats import pass_at_k_curve, pass_at_k_eval_se
+
+    rec = {"mean@1_greedy": mean1, "mean@4": sum(counts) / (4 * len(counts)), "pass@4": pass64,
+           "distinct_correct_per_problem": 1.0, "pass_curve": pass_at_k_curve(counts, 4).tolist(),
+           "eval_se": {"pass@4": pass_at_k_eval_se(counts, 4, 4)}, "train_time_s": 1.0, "eval_time_s": 0.1,
+           "signal_steps": 1.0, "reward_mean_series": [0.1, 0.2], "reward_mean_final": 0.2}
+    if grad_share is not None:
+        rec["grad_share"] = {"pg": 1.0 - grad_share, "xp": grad_share}
+    if kl is not None:
+        rec["kl_set_size"], rec["kl_set_steps"] = kl, 0.5
+    return rec
+
+
+def test_aggregate_is_pure_and_gives_power_verdicts():
+    import numpy as np
+
+    from latentx.stats import min_detectable_difference, paired_test
+    from latentx.study import aggregate
+
+    base, study = load_study_config(None, TINY + ["study.objectives=grpo,relax", "study.seeds=8",
+                                                   "study.target_difference=0.05"])
+    rng = np.random.default_rng(0)
+    grpo = [0.6 + 0.02 * rng.standard_normal() for _ in range(8)]
+    relax = [g + 0.01 * rng.standard_normal() for g in grpo]  # no real difference, small paired spread
+    counts = [0, 2, 4, 1]
+    per_run = {"grpo": {s: _synthetic_record(grpo[s], 0.3, counts) for s in range(8)},
+               "relax": {s: _synthetic_record(relax[s], 0.3, counts, grad_share=0.1 + 0.01 * s, kl=2.0) for s in range(8)}}
+    start = {"mean@1_greedy": 0.25, "mean@4": 0.4, "pass@4": 0.55, "distinct_correct_per_problem": 1.0,
+             "correct_counts": counts, "n": 4}
+    results = aggregate(base, study, per_run, start, None)
+    c = next(c for c in results["comparisons"] if c["objective"] == "relax" and c["metric"] == "pass@4")
+    test = paired_test(relax, grpo)
+    assert c["diff"] == pytest.approx(test.diff.mean) and c["sd"] == pytest.approx(test.diff.std)
+    assert c["mde"] == pytest.approx(min_detectable_difference(test.diff.std, 8))
+    assert c["verdict"] == ("difference found" if test.t_p < 0.05 else "no difference larger than")
+    entry = results["summary"]["relax"]
+    assert entry["grad_share"]["xp"] == pytest.approx(np.mean([0.1 + 0.01 * s for s in range(8)]))
+    assert entry["kl_set_size"]["mean"] == pytest.approx(2.0) and "kl_set_size" not in results["summary"]["grpo"]
+    assert entry["noise"]["pass@4"]["seed_sd"] == pytest.approx(float(np.std(relax, ddof=1)))
+    # Three seeds with a wide spread: underpowered, never "not significant".
+    few = {o: {s: per_run[o][s] for s in range(3)} for o in per_run}
+    few["relax"] = {s: _synthetic_record(grpo[s] + d, 0.3, counts) for s, d in zip(range(3), (0.1, -0.08, 0.02))}
+    study3 = load_study_config(None, TINY + ["study.objectives=grpo,relax", "study.seeds=3"])[1]
+    c3 = next(c for c in aggregate(base, study3, few, start, None)["comparisons"] if c["metric"] == "pass@4")
+    assert c3["verdict"] == "cannot tell (underpowered)" and c3["seeds_for_target"] > 3
+
+
+def test_objective_variants_and_presets_by_name():
+    from latentx.study import objective_of
+
+    assert objective_of("relax") == ("relax", [])
+    assert objective_of("verl@enabled") == ("verl", ["verl.preset=enabled"])
+    assert objective_of("q", {"q": ["objective=relax", "relax.xi_mode=quantile"]}) == ("relax", ["relax.xi_mode=quantile"])
+    with pytest.raises(ValueError, match="no presets"):
+        objective_of("grpo@paper")
+    with pytest.raises(ValueError, match="unknown objective"):
+        objective_of("relaxx")
+    with pytest.raises(ValueError, match="objective=NAME"):
+        objective_of("q", {"q": ["relax.xi=0.2"]})
+    with pytest.raises(ConfigError, match="study.variants"):
+        load_study_config(None, TINY + ["study.variants={q: 5}"])
+
+
+def test_study_runs_objective_presets_as_separate_entries(tmp_path):
+    base, study = load_study_config(None, TINY + ["study.objectives=grpo,verl@release,verl@enabled"])
+    results = run_study(base, study, tmp_path / "s", progress=False)
+    assert set(results["summary"]) == {"grpo", "verl@release", "verl@enabled"}
+    cfg = (tmp_path / "s" / "runs" / "verl@enabled" / "s0" / "config.yaml").read_text()
+    assert "preset: enabled" in cfg
+
+
+
 def test_objective_presets_are_separate_objectives(tmp_path):
     """`verl@paper` and `verl@enabled` run as two objectives of one study (METHODS.md §3b presets)."""
     import yaml
@@ -207,3 +284,14 @@ def test_objective_presets_are_separate_objectives(tmp_path):
                          (["grpo", "grpo@paper"], "has no presets")):
         with pytest.raises(ValueError, match=pattern):
             StudyConfig(objectives=bad)
+
+
+def test_issue14_presets_load():
+    from latentx.study import preset_path
+
+    base, study = load_study_config(preset_path("cpu-full"))
+    assert study.objectives == ["grpo", "relax", "relax@authors", "relax-quantile", "verl", "entropy_bonus", "kl_cov"]
+    assert len({len(v) for v in study.tune.values()}) == 1 and study.target_difference == 0.03
+    assert base.diagnostics.term_grads_every == 10 and base.eval.n == 64
+    hard, _ = load_study_config(preset_path("cpu-hard"))
+    assert hard.task.options["num_operands"] == 4

@@ -233,7 +233,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True, log=print) -> None:
         from latentx.models import load_model
         from latentx.tasks import build_task
-        from latentx.warmstart import warm_start
 
         run_files.check_same_run(cfg.run_dir, to_dict(resolve_config(cfg)))  # before anything is written
         self.cfg = cfg
@@ -251,15 +250,7 @@ class Trainer:
             self.model, self.tokenizer = load_model(str(self.checkpoint), device=str(self.device), dtype=cfg.model.dtype)
             self.warm_info: dict[str, Any] = {"resumed_from": str(self.checkpoint)}
         else:
-            self.model, self.tokenizer = load_model(cfg.model.name, device=str(self.device), dtype=cfg.model.dtype)
-            self.warm_info = {}
-            if cfg.warm_start.enabled:
-                self.model, self.warm_info = warm_start(
-                    self.model, self.tokenizer, self.task, cfg.warm_start, progress=progress
-                )
-                if self.warm_info.get("cache_hit"):
-                    log(f"warm start: {self.warm_info.get('steps')} SFT steps loaded from the cache "
-                        f"({self.warm_info['wall_time_s']:.1f} s)")
+            self.model, self.tokenizer, self.warm_info = initial_policy(cfg, self.task, progress, log)
         self.model.to(self.device)
         self.objective = Objective.from_config(cfg)
         # The frozen reference is the policy the run started from (after the warm start); it is saved
@@ -693,13 +684,35 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Held-out Mean@1 (greedy) and Pass@k from ``eval.n`` samples (METHODS.md §4), in ``eval.json``'s
         schema (:func:`latentx.evaluate.held_out_evaluation`); the training RNG does not move."""
-        from latentx.evaluate import held_out_evaluation
+        return evaluate_held_out(self.model, self.tokenizer, self.task, self.cfg)
 
-        ec, rc = self.cfg.eval, self.cfg.rollout
-        return held_out_evaluation(
-            self.model, self.tokenizer, self.task, ec.instances, ec.n, ec.ks, ec.temperature, ec.seed,
-            rc.max_new_tokens, top_p=rc.top_p, batch_size=rc.generation_batch_size,
-        )
+
+def initial_policy(cfg: TrainConfig, task, progress: bool = True, log=print):
+    """The policy a run starts from: ``cfg.model`` loaded on its device, then the supervised warm start
+    on ``task`` when enabled (cached).  Returns ``(model, tokenizer, warm_info)``."""
+    from latentx.models import load_model
+    from latentx.warmstart import warm_start
+
+    model, tokenizer = load_model(cfg.model.name, device=str(_device(cfg.model.device)), dtype=cfg.model.dtype)
+    warm_info: dict[str, Any] = {}
+    if cfg.warm_start.enabled:
+        model, warm_info = warm_start(model, tokenizer, task, cfg.warm_start, progress=progress)
+        if warm_info.get("cache_hit"):
+            log(f"warm start: {warm_info.get('steps')} SFT steps loaded from the cache "
+                f"({warm_info['wall_time_s']:.1f} s)")
+    return model, tokenizer, warm_info
+
+
+def evaluate_held_out(model, tokenizer, task, cfg: TrainConfig) -> dict[str, Any]:
+    """The run's held-out evaluation of ``model`` (METHODS.md §4) with ``cfg.eval`` / ``cfg.rollout``
+    settings, through the one evaluator :func:`latentx.evaluate.held_out_evaluation`."""
+    from latentx.evaluate import held_out_evaluation
+
+    ec, rc = cfg.eval, cfg.rollout
+    return held_out_evaluation(
+        model, tokenizer, task, ec.instances, ec.n, ec.ks, ec.temperature, ec.seed,
+        rc.max_new_tokens, top_p=rc.top_p, batch_size=rc.generation_batch_size,
+    )
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
