@@ -337,7 +337,8 @@ class Trainer:
         self.warm_info = state.get("warm_info") or self.warm_info
         if (checkpoint / "koopman.safetensors").is_file():
             self.dictionary = dynamics.KoopmanDictionary.load(
-                checkpoint / "koopman.safetensors", expect=dynamics.KoopmanDictionary.config_from(self.cfg.relax)
+                checkpoint / "koopman.safetensors",
+                expect=dynamics.KoopmanDictionary.config_from(self.cfg.relax, self.cfg.rollout.max_new_tokens),
             )
             self.dictionary.to(self.device)
         set_rng_state(state["rng"])
@@ -369,7 +370,9 @@ class Trainer:
         H = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1])) for h, _ in trajectories])
         M = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for _, m in trajectories])
         start = time.perf_counter()
-        self.dictionary = dynamics.KoopmanDictionary.from_config(rc, hidden_size).to(H.device)
+        self.dictionary = dynamics.KoopmanDictionary.from_config(
+            rc, hidden_size, max_response_tokens=self.cfg.rollout.max_new_tokens
+        ).to(H.device)
         self.dictionary.fit(H, M, step=self.step)
         self.dictionary.requires_grad_(False)
         return time.perf_counter() - start
