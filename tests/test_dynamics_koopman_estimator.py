@@ -417,3 +417,13 @@ def test_refit_schedule_and_installed_weights_round_trip(tmp_path) -> None:
     assert other.fitted_ and other.fitted_step_ == 5 and torch.equal(other.weight, d.weight * 2)
     with pytest.raises(ValueError, match=r"weight has shape \[4, 4\]"):
         other.set_fitted_weight(torch.zeros(4, 4))
+
+
+def test_pad_to_minus_one_is_the_runs_maximum_response_length() -> None:
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(m=4, fit_seed=42, pad_to=-1, spectrum="singular")
+    d = KoopmanDictionary.from_config(cfg, 3, max_response_tokens=128)
+    assert d.settings.pad_to == 128 and d.seed == 42 and d.settings.spectrum == "singular"
+    with pytest.raises(ValueError, match="pad_to=-1"):
+        KoopmanDictionary.from_config(cfg, 3)

@@ -70,6 +70,8 @@ def test_wandb_without_login_is_a_one_line_error(tmp_path):
     pytest.importorskip("wandb", reason="wandb is not installed (optional extra: pip install 'latentx[wandb]')")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), LATENTX_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    # A fresh HOME has no matplotlib font cache, and building it prints a line of its own: build it first.
+    subprocess.run([sys.executable, "-c", "import matplotlib.pyplot"], capture_output=True, env=env, timeout=300, check=True)
     code = "import sys; from latentx.cli import app; sys.argv = ['latentx', *sys.argv[1:]]; app()"
     result = subprocess.run([sys.executable, "-c", code, "train", "--out", str(tmp_path / "run"), *TINY,
                              "--report-to", "wandb"], capture_output=True, text=True, env=env, timeout=600,

@@ -59,6 +59,20 @@ class MetricsWarning(UserWarning):
     """A torn ``metrics.jsonl`` line (an interrupted append) was dropped."""
 
 
+def save_weights(model, directory: str | os.PathLike) -> None:
+    """``model.save_pretrained(directory)`` (safetensors) without transformers' per-shard progress bar,
+    so the training bar stays the only one in the terminal; the global progress-bar setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if not was_disabled:
+            hf_logging.enable_progress_bar()
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -121,7 +135,7 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        save_weights(model, tmp / "model")
         from latentx.vision import save_tokenizer
 
         save_tokenizer(tokenizer, tmp / "model")  # a VLM's processor too

@@ -219,14 +219,21 @@ def apply_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
     return from_dict(type(cfg), merge_overrides(to_dict(cfg, unset=False), overrides))
 
 
-def load_yaml(cls: type[T], path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> T:
-    """Load ``cls`` from a YAML file (then apply overrides); errors name the file and the field."""
+def load_yaml_data(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> T:
+    """Load ``cls`` from a YAML file (then apply overrides); errors name the file and the field."""
+    path = Path(path)
+    data = load_yaml_data(path)
     try:
         return from_dict(cls, merge_overrides(data, overrides))
     except ConfigError as err:

@@ -31,7 +31,7 @@ import torch
 
 from latentx import dynamics
 from latentx import checkpoint as run_files
-from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from latentx.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, save_weights, set_rng_state
 from latentx.config import atomic_write_text, save_yaml, to_dict
 from latentx.monitor import monitor_metrics
 from latentx.objectives import REGISTRY, Objective
@@ -263,7 +263,7 @@ class Trainer:
         if self._wants_reference():
             ref_dir = self.run_dir / "reference"
             if not (self.checkpoint is not None and ref_dir.is_dir()):
-                self.model.save_pretrained(ref_dir)
+                save_weights(self.model, ref_dir)
                 save_tokenizer(self.tokenizer, ref_dir)  # a VLM's processor too
             self._reference_dir = ref_dir
             if self._full_reference:
@@ -337,7 +337,8 @@ class Trainer:
         self.warm_info = state.get("warm_info") or self.warm_info
         if (checkpoint / "koopman.safetensors").is_file():
             self.dictionary = dynamics.KoopmanDictionary.load(
-                checkpoint / "koopman.safetensors", expect=dynamics.KoopmanDictionary.config_from(self.cfg.relax)
+                checkpoint / "koopman.safetensors",
+                expect=dynamics.KoopmanDictionary.config_from(self.cfg.relax, self.cfg.rollout.max_new_tokens),
             )
             self.dictionary.to(self.device)
         set_rng_state(state["rng"])
@@ -369,7 +370,9 @@ class Trainer:
         H = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1])) for h, _ in trajectories])
         M = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for _, m in trajectories])
         start = time.perf_counter()
-        self.dictionary = dynamics.KoopmanDictionary.from_config(rc, hidden_size).to(H.device)
+        self.dictionary = dynamics.KoopmanDictionary.from_config(
+            rc, hidden_size, max_response_tokens=self.cfg.rollout.max_new_tokens
+        ).to(H.device)
         self.dictionary.fit(H, M, step=self.step)
         self.dictionary.requires_grad_(False)
         return time.perf_counter() - start

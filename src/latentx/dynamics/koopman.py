@@ -395,9 +395,17 @@ class KoopmanDictionary(nn.Module):
         self._clear_fit_state()
 
     @classmethod
-    def config_from(cls, cfg: object, **overrides: Any) -> dict[str, Any]:
+    def config_from(cls, cfg: object, max_response_tokens: int | None = None, **overrides: Any) -> dict[str, Any]:
         """``m = cfg.m``, ``seed = cfg.fit_seed`` and every setting ``cfg`` has (``overrides`` win), validated:
-        the keyword arguments of the dictionary a ``RelaxConfig`` describes (and :meth:`load`'s ``expect``)."""
+        the keyword arguments of the dictionary a ``RelaxConfig`` describes (and :meth:`load`'s ``expect``).
+
+        ``pad_to = -1`` in ``cfg`` means the run's maximum response length L_max (the authors' layout) and
+        becomes ``max_response_tokens``; without it, -1 is an error naming ``pad_to``.
+        """
+        if "pad_to" not in overrides and getattr(cfg, "pad_to", None) == -1:
+            if max_response_tokens is None:
+                raise ValueError("pad_to=-1 (the maximum response length) needs the run's max_response_tokens")
+            overrides["pad_to"] = int(max_response_tokens)
         m = overrides.pop("m", getattr(cfg, "m", 50))
         seed = overrides.pop("seed", getattr(cfg, "fit_seed", 0))
         _positive_int("m", m)
@@ -406,10 +414,12 @@ class KoopmanDictionary(nn.Module):
         return dict(m=m, seed=seed, **KoopmanSettings.from_config(cfg, **overrides).as_dict())
 
     @classmethod
-    def from_config(cls, cfg: object, hidden_size: int, **overrides: Any) -> "KoopmanDictionary":
+    def from_config(
+        cls, cfg: object, hidden_size: int, max_response_tokens: int | None = None, **overrides: Any
+    ) -> "KoopmanDictionary":
         """The dictionary of :meth:`config_from` (an unfitted one): how the trainer, ``analyze``, TRL and verl
         build theirs from a ``RelaxConfig``."""
-        return cls(hidden_size, **cls.config_from(cfg, **overrides))
+        return cls(hidden_size, **cls.config_from(cfg, max_response_tokens, **overrides))
 
     def _clear_fit_state(self) -> None:
         self.loss_history_: list[float] = []

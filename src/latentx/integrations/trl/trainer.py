@@ -141,7 +141,9 @@ class LatentGRPOTrainer(GRPOTrainer):
         self.koopman: KoopmanDictionary | None = None
         if isinstance(self.latent_config, RelaxConfig):
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
-            self.koopman = KoopmanDictionary.from_config(self.latent_config, hidden_size).requires_grad_(False)
+            self.koopman = KoopmanDictionary.from_config(
+                self.latent_config, hidden_size, max_response_tokens=args.max_completion_length
+            ).requires_grad_(False)
             self.koopman.to(self.accelerator.device)
         self.latent_monitor: RolloutMonitor | None = None
         if args.latent_monitor:
