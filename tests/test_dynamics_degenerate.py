@@ -231,9 +231,6 @@ _EDMD_FLOAT16_TINY = (  # found by this test: ridge=0, float16 rows of ~1e-5
 )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 18 items 5-7 (Koopman guards, dynamics/koopman.py, owner h17a): edmd's gradient is not guarded: "
-    "with ridge=0 (pseudo-inverse) a float16 tiny-scale pair gives inf in the float16 gradient (the @example)"))
 @PROPERTY
 @given(batches(), st.sampled_from([1, 2, 4]), st.sampled_from([0.0, 1e-3]))
 @example(_EDMD_FLOAT16_TINY, 2, 0.0)
@@ -250,9 +247,6 @@ def test_edmd_on_lifted_pairs(batch, m, ridge) -> None:
     _check(lambda X, _: dynamics.edmd(X[:, :-1], X[:, 1:], pairs, ridge=ridge), H, in_pair)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 18 items 5-7 (Koopman guards, dynamics/koopman.py, owner h17a): fit_objective gives a NaN gradient "
-    "w.r.t. H at rows of valid tokens for some degenerate batches (found by this test)"))
 @PROPERTY
 @given(koopman_cases(), st.sampled_from(["residual", "svd"]))
 def test_fit_and_fit_objective(case, fit_loss) -> None:

@@ -39,7 +39,11 @@ Numeric guards (what a degenerate input gets; each is tested in tests/test_dynam
 * **Finite gradients.**  The cast from H's dtype to the compute dtype is a guarded autograd step: per
   response, a gradient with a non-finite entry is zeroed, and one whose largest entry exceeds the largest
   finite value of H's dtype (float16: 65504) is rescaled to it, direction kept; so the gradient is finite
-  wherever the value is.
+  wherever the value is.  The same guarded cast sits on :func:`edmd`'s inputs (psi_x, psi_y, cast to
+  float64 for the solve: with ``ridge=0`` the pseudo-inverse of a tiny-scale Gram gives gradients far above
+  float16's range) and on the trajectories of ``fit`` / ``fit_objective`` (the pooled fit loss goes
+  through an SVD or an eigendecomposition whose backward is NaN at repeated singular values / eigenvalues;
+  ``fit`` skips such a step, ``fit_objective`` returns the zeroed per-response gradient).
 
 Gradient of DSD (ReLaX back-propagates it into the policy).  ``torch.linalg.eigvals``' own backward divides
 by eigenvector conditioning and returns inf / NaN at repeated or defective eigenvalues, which do occur here
@@ -277,8 +281,9 @@ class _ComputeCast(torch.autograd.Function):
         return flat.reshape(grad.shape).to(ctx.in_dtype), None
 
 
-def _to_compute(H: Tensor) -> Tensor:
-    dtype = compute_dtype(H.dtype)
+def _to_compute(H: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """H in ``dtype`` (default: its compute dtype) through the guarded cast when a gradient will flow."""
+    dtype = compute_dtype(H.dtype) if dtype is None else dtype
     if H.requires_grad and torch.is_grad_enabled():
         return _ComputeCast.apply(H, dtype)
     return H.to(dtype)
@@ -487,6 +492,7 @@ class KoopmanDictionary(nn.Module):
         H, mask = check_trajectories(H, mask)
         if H.shape[2] != self.hidden_size:
             raise ValueError(f"H has hidden size {H.shape[2]} but the dictionary expects {self.hidden_size}")
+        H = _to_compute(H)  # the guarded cast: H's gradient stays finite per response (module docstring)
         if H.shape[0] == 0:
             raise ValueError(f"{what}: H holds no response (B = 0), nothing to fit the Koopman dictionary on")
         if not bool(mask.any()):
@@ -499,7 +505,7 @@ class KoopmanDictionary(nn.Module):
                 X = torch.nn.functional.pad(X, (0, 0, 0, window - X.shape[1]))
             return X, torch.full_like(lengths, window)
         if int(lengths.max()) < 2:
-            raise ValueError(f"{what}: no response has 2 valid tokens (a snapshot pair) to fit the dictionary on")
+            raise ValueError(f"{what}: mask gives no response 2 valid tokens (a snapshot pair) to fit the dictionary on")
         return X, lengths
 
     def refit_due(self, step: int, refit_every: int) -> bool:
@@ -749,8 +755,14 @@ def edmd(psi_x: Tensor, psi_y: Tensor, mask: Tensor, ridge: float = 1e-3, scalin
         bad = (pairs & ~torch.isfinite(value.detach()).all(dim=-1)).any(dim=1)
         if bool(bad.any()):
             raise ValueError(f"{name} has non-finite values in response {first_bad_index(bad)}")
-    gram, cross, _ = _edmd_matrices(psi_x, psi_y, pairs, scaling)
-    return _solve_koopman(gram, cross, ridge, pinv_at_zero=True).to(compute_dtype(psi_x.dtype))
+    out_dtype = compute_dtype(psi_x.dtype)
+    # float64 through the guarded cast: the inputs' gradients stay finite per response (module docstring)
+    gram, cross, _ = _edmd_matrices(_to_compute(psi_x, torch.float64), _to_compute(psi_y, torch.float64), pairs, scaling)
+    overflow = ~(torch.isfinite(gram.detach()).flatten(1).all(1) & torch.isfinite(cross.detach()).flatten(1).all(1))
+    if bool(overflow.any()):  # only float64 rows near 1e154 and above get here
+        raise ValueError(f"psi_x / psi_y are too large in response {first_bad_index(overflow)}: "
+                         "their Gram matrix overflows float64")
+    return _solve_koopman(gram, cross, ridge, pinv_at_zero=True).to(out_dtype)
 
 
 def _weight_of(dictionary: KoopmanDictionary, H: Tensor) -> KoopmanDictionary:
