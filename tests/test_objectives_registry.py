@@ -45,6 +45,15 @@ def _flip(state, adv, signals, mask, rewards):
     return -adv, {"flipped": 1.0, "er_seen": float(signals["er"].mean())}
 
 
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """Each test's registrations are undone afterwards: other test modules see only the built-ins."""
+    before = dict(REGISTRY._specs)
+    yield
+    REGISTRY._specs.clear()
+    REGISTRY._specs.update(before)
+
+
 def _register() -> None:
     register_objective(
         name="test_half",

@@ -235,6 +235,36 @@ def test_core_trainer_gradient_is_the_same_for_1_2_4_micro_batches(tmp_path):
     assert terms["grad_norm/xp"] > 0 and terms["grad_norm/kl"] > 0
 
 
+@pytest.mark.parametrize("xp_weight", ["advantage", "padded_mean"])
+def test_update_differentiates_dsd_only_where_lxp_has_weight(tmp_path, xp_weight):
+    """DSD with gradient on the Â > 0 rows only gives the loss, terms and gradient of DSD on every row."""
+    trainer = _trainer(tmp_path, relax={"xp_weight": xp_weight})
+    trainer.model.double()
+    ro = trainer.rollout()
+    ro.rewards = torch.rand(len(ro.rewards), generator=torch.Generator().manual_seed(1))
+    adv, _ = trainer.advantages(ro)
+    trainer.kl_set(ro, adv)
+    rows_seen = []
+    full_dsd = trainer._dsd
+    trainer._dsd = lambda hidden, mask: rows_seen.append(hidden.shape[0]) or full_dsd(hidden, mask)
+    results = []
+    for hook in (None, lambda *args: None):  # the objective's rows, then every row (the plain computation)
+        if hook is not None:
+            trainer.objective.dsd_grad_rows = hook
+        trainer.optimizer.zero_grad(set_to_none=True)
+        terms = trainer.accumulate(ro, adv)
+        grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        results.append((terms, grad))
+    (fast, g_fast), (plain, g_plain) = results
+    positive = int((adv > 0).sum())
+    assert 0 < positive < len(adv) and rows_seen[0] == positive and rows_seen[-1] == len(adv)
+    assert fast["xp"] != 0.0
+    assert set(fast) == set(plain) and {"loss", "xp"} <= set(fast)
+    for key in fast:
+        assert fast[key] == pytest.approx(plain[key], rel=1e-9, abs=1e-12), key
+    assert float((g_fast - g_plain).norm()) <= 1e-9 * float(g_plain.norm())
+
+
 def test_empty_kl_set_runs_no_reference_and_warns_once(tmp_path):
     messages = []
     trainer = _trainer(tmp_path, relax={"xi_mode": "absolute", "xi": 25.0})

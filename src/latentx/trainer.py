@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -363,6 +363,22 @@ class Trainer:
     def _dsd(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.dictionary.dsd(hidden, mask)
 
+    def _update_dsd(self, hidden: torch.Tensor, batch: PolicyBatch, rollout_dsd: torch.Tensor | None,
+                    sl: slice) -> torch.Tensor:
+        """DSD of the update forward, with gradient on the rows the loss differentiates
+        (:meth:`Objective.dsd_grad_rows`: ReLaX's responses with Â > 0) and the rollout forward's no-grad DSD
+        elsewhere, where the loss does not depend on it; the same loss and gradient as DSD on every row, at
+        a fraction of the Koopman work.  With ``optim.updates_per_step > 1`` the logged ``dsd_*`` of those
+        other rows are the rollout's values."""
+        rows = self.objective.dsd_grad_rows(batch.response_advantages(), batch.mask.sum(1), batch.totals)
+        if rows is None or rollout_dsd is None:
+            return self._dsd(hidden, batch.mask)
+        dsd = rollout_dsd[sl].to(device=hidden.device, dtype=torch.float32)
+        index = torch.nonzero(rows.to(hidden.device)).squeeze(1)
+        if index.numel() == 0:
+            return dsd
+        return dsd.index_put((index,), self._dsd(hidden[index], batch.mask[index]).float())
+
     def _fit_dictionary(self, trajectories: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         rc = self.cfg.relax
         hidden_size = trajectories[0][0].shape[-1]
@@ -556,10 +572,11 @@ class Trainer:
                 group=ro.group[sl],
                 ref_logp=ro.ref_logp[sl, :t] if ro.ref_logp is not None else None,
                 entropy=fo.entropy,
-                dsd=self._dsd(fo.hidden, mask) if want_hidden else None,
                 totals=totals,
                 in_set=ro.in_set[sl] if totals is not None else None,
             )
+            if want_hidden:
+                batch = replace(batch, dsd=self._update_dsd(fo.hidden, batch, ro.signals.get("dsd"), sl))
             out = self.objective.loss(batch)
             weight = 1.0 if out.summable else int(mask.sum()) / total_tokens
             if tracker is not None:

@@ -203,6 +203,15 @@ class Objective:
             raise ValueError(f"objective {self.name!r} needs unknown signals {sorted(unknown)} (known: {', '.join(SIGNALS)})")
         return frozenset(needs)
 
+    def dsd_grad_rows(self, advantages: Tensor, lengths: Tensor, totals: Any = None) -> Tensor | None:
+        """``[B]`` bool: the responses whose DSD this objective's loss differentiates (None: all of them).
+
+        ``advantages``: per-response ``[B]``; ``lengths``: valid tokens per response; ``totals``: the batch's
+        :class:`~latentx.objectives.relax.BatchTotals` (or None).  See :class:`ObjectiveSpec`.
+        """
+        hook = self.spec.dsd_grad_rows
+        return None if hook is None else hook(self.config, advantages, lengths, totals)
+
     @property
     def shapes_advantages(self) -> bool:
         """Whether the method has an advantage hook (call :meth:`shape` once per rollout batch)."""

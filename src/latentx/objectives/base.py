@@ -399,6 +399,10 @@ class ObjectiveSpec:
             state's own ``state_dict()`` / ``load_state_dict()``).
         state_attribute: an extra attribute name under which :class:`Objective` exposes the state
             (``verl_shaper``, ``entropy_controller``, ``generator``: the names older code used).
+        dsd_grad_rows: for a method that needs ``"dsd_grad"``: ``(config, advantages [B], lengths [B],
+            totals) -> [B] bool``, the responses whose DSD the loss differentiates; the trainer computes DSD
+            with a gradient on those rows only and reuses the rollout forward's (no-grad) DSD for the others
+            (their value must not change the loss).  None = every row.
     """
 
     name: str
@@ -412,6 +416,7 @@ class ObjectiveSpec:
     save_state: Callable[[Any], Any] | None = None
     load_state: Callable[[Any, Any], None] | None = None
     state_attribute: str | None = None
+    dsd_grad_rows: Callable[..., Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():

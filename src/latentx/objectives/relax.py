@@ -582,9 +582,23 @@ def _relax_needs(cfg: RelaxConfig, grpo: GRPOConfig) -> set[str]:
     return {"dsd_grad", "ref"} if cfg.beta > 0 else {"dsd_grad"}
 
 
+def relax_dsd_grad_rows(cfg: RelaxConfig, adv: Tensor, lengths: Tensor, totals: "BatchTotals | None" = None) -> Tensor:
+    """The responses whose DSD L_xp differentiates: w_i > 0 (:func:`xp_weights`; METHODS.md section 3).
+
+    L_xp's exponent is -w_i DSD_i, so a response with w_i = 0 (Â_i <= 0) enters its log-mean-exp as exp(0)
+    whatever its DSD: neither the loss nor its gradient depends on that DSD.  The KL term never reads DSD
+    (I is decided on the rollout DSD), so these rows are all that needs a differentiable DSD.
+    """
+    length = totals.length if totals is not None else None
+    if not length:  # L_max for xp_weight="padded_mean": the longest response here (relax_terms gets the same)
+        length = int(lengths.max()) if lengths.numel() else 1
+    return xp_weights(adv, lengths, cfg, length) > 0
+
+
 register_objective(
     name="relax",
     config_class=RelaxConfig,
     needs=_relax_needs,
+    dsd_grad_rows=relax_dsd_grad_rows,
     loss=lambda batch, config, grpo, state: relax_loss(batch, config, grpo),
 )
