@@ -137,6 +137,9 @@ def test_bad_input_names_the_field():
         from_dict(TrainConfig, {"relax": {"pad_to": 8}, "rollout": {"max_new_tokens": 16}})
     with pytest.raises(ConfigError, match=r"grpo\.dual_clip"):
         from_dict(TrainConfig, {"grpo": {"dual_clip": 0.5}})
+    for ridge in (0.0, 1e-13):  # below the Koopman ridge floor: refused at config time, naming the field
+        with pytest.raises(ConfigError, match=r"relax\.ridge .*floor"):
+            from_dict(TrainConfig, {"relax": {"ridge": ridge}})
 
 
 def test_quantile_kl_set_is_the_top_fraction():

@@ -165,3 +165,18 @@ def test_disagreeing_settings_are_refused_and_change_nothing(killed_runs, tmp_pa
     moved = _copy(directory, tmp_path, "moved")
     _resume(cfg, moved, "steps=4", "model.device=cpu")
     assert [r["step"] for r in read_metrics(moved)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_dictionary_saved_with_other_settings(killed_runs, tmp_path):
+    """Issue 17: a checkpoint's Koopman dictionary saved with other settings than the run's is a one-line
+    error naming the field (here m), not a silent reload of a dictionary the run never fitted."""
+    from latentx.dynamics import KoopmanDictionary
+
+    cfg, _, snapshots = killed_runs
+    directory = _copy(snapshots[-1][1], tmp_path, "run")
+    path = latest_checkpoint(directory) / "koopman.safetensors"
+    saved = KoopmanDictionary.load(path)
+    KoopmanDictionary(saved.hidden_size, m=saved.m + 1, seed=saved.seed, **saved.settings.as_dict()).save(path)
+    with pytest.raises(ValueError, match=rf"saved with m={saved.m + 1} but this run has m={saved.m}") as err:
+        _resume(cfg, directory, "steps=4")
+    assert "\n" not in str(err.value) and "koopman.safetensors" in str(err.value)

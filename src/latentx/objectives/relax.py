@@ -189,6 +189,11 @@ class RelaxConfig:
             raise ValueError(f"relax.xi must be a fraction in (0, 1) with relax.xi_mode='quantile', got {self.xi!r}")
         _check_int("relax.m", self.m, minimum=2)
         _check_range("relax.ridge", self.ridge, lo=0.0)
+        from latentx.dynamics.koopman import RIDGE_FLOOR
+
+        if float(self.ridge) < RIDGE_FLOOR:  # the estimator's constructor refuses it too: say so at config time
+            raise ValueError(f"relax.ridge must be >= the ridge floor {RIDGE_FLOOR:g} (latentx.dynamics.koopman), "
+                             f"got {self.ridge!r}")
         if self.residual_threshold is not None:
             _check_range("relax.residual_threshold", self.residual_threshold, lo=0.0, lo_open=True)
         _check_int("relax.pad_to", self.pad_to, minimum=-1)
