@@ -298,3 +298,25 @@ def test_time_limit_covers_worker_start_after_a_timeout():
     assert max(walls) < 1.0 + 0.5, walls
     # and the grader is still right once its workers have started again
     assert grade_answer(f"{B}{{\\sqrt{{2}}/2}}", "\\frac{\\sqrt{2}}{2}", timeout=60) is True
+
+
+def test_workers_killed_by_a_timeout_are_replaced_by_forks_of_the_warm_zygote():
+    """Issue 18 item 10: a replacement is forked from a warm template (a few ms), not a new interpreter
+    that imports sympy again (0.6-2 CPU-s: with 4 threads on 2 cores most normal answers right after a
+    timeout found no ready worker and counted as wrong); bench/grader.py --limits measures it."""
+    from latentx.tasks import grading
+
+    grading._POOL.close_all()
+    assert grade_answer(f"{B}{{\\frac{{1}}{{2}}}}", "0.5", timeout=60) is True
+    zygote = grading._POOL._zygote
+    assert zygote is not None and zygote.alive
+    assert grade_answer(PATHOLOGICAL, "5", timeout=0.5) is False  # its worker is killed
+    assert grade_answer(f"{B}{{\\sqrt{{2}}/2}}", "\\frac{\\sqrt{2}}{2}", timeout=60) is True
+    assert grading._POOL._zygote is zygote  # the same template served the replacements
+    with grading._POOL._cond:
+        idle = list(grading._POOL._idle)
+    assert idle and all(w.process is None for w in idle)  # forked workers (no Popen of their own)
+    with open(f"/proc/{idle[0].pid}/stat") as stat:
+        assert int(stat.read().rsplit(")", 1)[1].split()[1]) == zygote.process.pid  # parent: the zygote
+    grading._POOL.close_all()
+    assert not zygote.alive or zygote.process.wait(timeout=5) is not None

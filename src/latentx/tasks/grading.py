@@ -34,8 +34,10 @@ Keeping the common case cheap:
 - answers that are plain numbers on both sides (GSM8K, AIME, AMC, most rewards during training) are
   decided in-process by exact rational comparison — no subprocess, no sympy — whenever the answer is
   certain (equal numbers, or different integers); anything else goes to math-verify;
-- workers are started once (about 1 s: importing sympy) and then reused; one idle worker is kept per
-  concurrent caller thread (plus the spare);
+- workers are started once and then reused; one idle worker is kept per concurrent caller thread (plus
+  the spare).  The first start imports sympy (about 1 s) in a *zygote*, a warm template process; every
+  worker, and every replacement of one killed after a timeout, is a fork of it (a few ms), so even when
+  every other call times out the replacements are ready before the next deadlines;
 - the check inside the worker costs what math-verify costs (a pipe round trip adds ~0.1 ms).
 
 :func:`grade_many` grades a batch on a pool of such workers, driven by one thread each.
@@ -48,6 +50,8 @@ import json
 import os
 import re
 import select
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -284,25 +288,81 @@ _WORKER_RUN_NAME = "__latentx_grading_worker__"
 _WORKER_BOOT = f"import runpy, sys; runpy.run_path(sys.argv[1], run_name={_WORKER_RUN_NAME!r})"
 
 
-def _worker_main() -> None:  # pragma: no cover - runs in the worker subprocess
-    """Serve JSON-line requests ``{"pred", "gold"}`` on stdin; answer ``{"equal"}`` on the real stdout."""
-    protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints from libraries go to stderr, never into the protocol
-    _math_verify_equal("1", "\\frac{2}{2}")  # warm up (imports sympy and the LaTeX parser)
-    protocol_out.write('{"ready": true}\n')
-    for line in sys.stdin:
+def _serve(requests, replies) -> None:  # pragma: no cover - runs in a worker process
+    """Answer JSON-line requests ``{"pred", "gold"}`` with ``{"equal"}`` lines until end of input."""
+    for line in requests:
         request = json.loads(line)
         try:
             reply = {"equal": _math_verify_equal(request["pred"], request["gold"])}
         except Exception as error:  # noqa: BLE001 - any failure is a wrong answer, reported as such
             reply = {"equal": False, "error": f"{type(error).__name__}: {error}"}
-        protocol_out.write(json.dumps(reply) + "\n")
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+def _worker_main() -> None:  # pragma: no cover - runs in the worker subprocess
+    """A worker (no argument) serves requests on stdin / the real stdout.  With ``--zygote PATH`` the
+    process is a warm template instead: each line on stdin forks one worker, which connects to the Unix
+    socket PATH and serves there; the zygote answers ``{"pid"}`` and the kernel reaps the children."""
+    protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints from libraries go to stderr, never into the protocol
+    _math_verify_equal("1", "\\frac{2}{2}")  # warm up (imports sympy and the LaTeX parser)
+    if sys.argv[2:3] != ["--zygote"]:
+        protocol_out.write('{"ready": true}\n')
+        _serve(sys.stdin, protocol_out)
+        return
+    path = sys.argv[3]
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked workers are reaped by the kernel
+    protocol_out.write('{"ready": true}\n')
+    for _ in iter(sys.stdin.readline, ""):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(0)
+                protocol_out.close()
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.connect(path)
+                replies = conn.makefile("w", buffering=1)
+                replies.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+                replies.flush()
+                _serve(conn.makefile("r"), replies)
+            finally:
+                os._exit(0)
+        protocol_out.write(json.dumps({"pid": pid}) + "\n")
+
+
+def _read_line(fd: int, buffer: bytearray, deadline: float) -> str | None:
+    """One line from ``fd`` (``buffer`` keeps what was read past it), or None at the deadline or end of file."""
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:  # the other side exited
+            return None
+        buffer += chunk
+    end = buffer.index(b"\n")
+    line = bytes(buffer[:end]).decode()
+    del buffer[: end + 1]
+    return line
 
 
 class _Worker:
-    """One grading subprocess, talked to over pipes with a deadline."""
+    """One grading process, talked to with deadlines.  Spawned (``_Worker()``: a fresh interpreter, 0.6-2 s
+    to import sympy) or forked from the warm :class:`_Zygote` (``_Worker(forked=(socket, pid))``, a few ms)."""
 
-    def __init__(self) -> None:
+    def __init__(self, forked: "tuple[socket.socket, int] | None" = None) -> None:
+        self._buffer = bytearray()
+        self.process: subprocess.Popen | None = None
+        self._stderr = None
+        if forked is not None:
+            self._conn, self.pid = forked
+            self._fd = self._conn.fileno()
+            return
+        self._conn = None
         # Run this very file in isolated mode (-I): the worker imports only the standard library and
         # math-verify, not the latentx package (whose task registry may pull in heavy libraries).
         self._stderr = tempfile.TemporaryFile()
@@ -312,38 +372,29 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
         )
-        self._buffer = b""
+        self.pid = self.process.pid
+        assert self.process.stdout is not None
+        self._fd = self.process.stdout.fileno()
         ready = self._read_line(time.monotonic() + _WORKER_START_LIMIT_S)
         if ready is None or not json.loads(ready).get("ready"):
             self.close()
-            self._stderr.seek(0)
-            detail = self._stderr.read().decode(errors="replace")[-2000:]
-            raise GraderError(f"the math grading worker did not start:\n{detail}")
+            raise GraderError(f"the math grading worker did not start:\n{_stderr_tail(self._stderr)}")
 
     def _read_line(self, deadline: float) -> str | None:
-        """One line from the worker, or None when the deadline passes or the worker dies."""
-        assert self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:  # worker exited
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
+        return _read_line(self._fd, self._buffer, deadline)
+
+    def _send(self, data: bytes) -> None:
+        if self._conn is not None:
+            self._conn.sendall(data)
+            return
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
 
     def check(self, pred: str, gold: str, timeout: float) -> bool | None:
         """math-verify verdict, or None when it took longer than ``timeout`` (the worker is then dead)."""
-        assert self.process.stdin is not None
         try:
-            self.process.stdin.write((json.dumps({"pred": pred, "gold": gold}) + "\n").encode())
-            self.process.stdin.flush()
+            self._send((json.dumps({"pred": pred, "gold": gold}) + "\n").encode())
         except (BrokenPipeError, OSError):
             self.close()
             return None
@@ -355,19 +406,121 @@ class _Worker:
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        if self.process is not None:
+            return self.process.poll() is None
+        if self._conn is None or self._conn.fileno() < 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        self._stderr.close()
+        if self.process is None:  # forked: the zygote reaps it
+            _kill_quietly(self.pid)
+            self._conn.close()
+            return
+        _close_process(self.process, self._stderr)
+
+
+def _close_process(process: subprocess.Popen, stderr) -> None:
+    """Kill ``process`` if it still runs, reap it, close its pipes and its stderr file."""
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    stderr.close()
+
+
+def _stderr_tail(stream) -> str:
+    stream.seek(0)
+    return stream.read().decode(errors="replace")[-2000:]
+
+
+class _Zygote:
+    """A warm grading process (sympy and math-verify imported) that forks new workers on request.
+
+    Replacing a worker killed after a timeout then costs a fork (a few ms) instead of a fresh
+    interpreter's 0.6-2 CPU-seconds, so even when every other call times out, the replacements are
+    ready before the next calls' deadlines.  The forked workers connect back over a Unix socket.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="latentx-grader-")
+        path = os.path.join(self._dir, "zygote.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(64)
+        self._lock = threading.Lock()
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-c", _WORKER_BOOT, str(Path(__file__).resolve()), "--zygote", path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        assert self.process.stdout is not None
+        self._fd = self.process.stdout.fileno()
+        self._buffer = bytearray()
+        ready = _read_line(self._fd, self._buffer, time.monotonic() + _WORKER_START_LIMIT_S)
+        if ready is None or not json.loads(ready).get("ready"):
+            detail = _stderr_tail(self._stderr)
+            self.close()
+            raise GraderError(f"the math grading zygote did not start:\n{detail}")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def fork(self, limit: float = 30.0) -> _Worker:
+        """A new warm worker; :class:`GraderError` when the zygote cannot make one within ``limit`` s."""
+        deadline = time.monotonic() + limit
+        with self._lock:
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.write(b"fork\n")
+                self.process.stdin.flush()
+            except (BrokenPipeError, OSError) as err:
+                raise GraderError(f"the math grading zygote is gone: {err}") from None
+            answer = _read_line(self._fd, self._buffer, deadline)
+            if answer is None:
+                raise GraderError("the math grading zygote did not fork a worker")
+            pid = int(json.loads(answer)["pid"])
+            self._listener.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                conn, _ = self._listener.accept()
+            except OSError as err:
+                _kill_quietly(pid)
+                raise GraderError(f"a forked math grading worker did not connect: {err}") from None
+        conn.settimeout(None)
+        worker = _Worker(forked=(conn, pid))
+        ready = worker._read_line(deadline)
+        if ready is None or int(json.loads(ready).get("pid", -1)) != pid:
+            worker.close()
+            raise GraderError("a forked math grading worker did not start")
+        return worker
+
+    def close(self) -> None:
+        _close_process(self.process, self._stderr)
+        self._listener.close()
+        try:
+            os.unlink(os.path.join(self._dir, "zygote.sock"))
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 class _WorkerPool:
@@ -389,10 +542,35 @@ class _WorkerPool:
         self._pid = os.getpid()
         self.max_idle = max(2, os.cpu_count() or 2)
         self.spares = 1
+        #: fork replacements from a warm zygote (False: spawn every worker; also the fallback when the
+        #: platform has no fork or the zygote fails)
+        self.use_zygote = hasattr(os, "fork") and hasattr(socket, "AF_UNIX")
+        self._zygote: _Zygote | None = None
+        self._zygote_lock = threading.Lock()
 
     def _check_fork(self) -> None:  # lock held
         if self._pid != os.getpid():  # forked: those workers and starter threads belong to the parent
             self._idle, self._starting, self._waiting, self._pid = [], 0, 0, os.getpid()
+            self._zygote = None
+
+    def _new_worker(self) -> _Worker:
+        """A worker forked from the warm zygote (started on first use), or a spawned one without it."""
+        if not self.use_zygote:
+            return _Worker()
+        with self._zygote_lock:
+            zygote = self._zygote
+            if zygote is None or not zygote.alive or self._pid != os.getpid():
+                if zygote is not None and self._pid == os.getpid():
+                    zygote.close()
+                try:
+                    zygote = self._zygote = _Zygote()
+                except (GraderError, OSError):
+                    self._zygote = None
+                    return _Worker()
+        try:
+            return zygote.fork()
+        except (GraderError, OSError):
+            return _Worker()
 
     def _start_one(self) -> None:  # lock held
         self._starting += 1
@@ -401,7 +579,7 @@ class _WorkerPool:
     def _boot(self) -> None:
         worker, error = None, None
         try:
-            worker = _Worker()
+            worker = self._new_worker()
         except GraderError as err:
             error = err
         except Exception as err:  # noqa: BLE001 - reported to the waiting callers
@@ -474,6 +652,10 @@ class _WorkerPool:
         if mine:
             for worker in idle:
                 worker.close()
+            with self._zygote_lock:
+                zygote, self._zygote = self._zygote, None
+            if zygote is not None:
+                zygote.close()
 
 
 _POOL = _WorkerPool()
