@@ -26,11 +26,9 @@ from latentx.objectives.base import (
     _check_range,
     masked_log_ratio,
     masked_mean,
-    to_floats,
-    token_mean,
     valid_only,
 )
-from latentx.objectives.grpo import clipped_surrogate, reference_kl
+from latentx.objectives.grpo import clipped_surrogate, surrogate_loss
 from latentx.objectives.kl_cov import token_covariance
 
 __all__ = ["ClipCovConfig", "clip_cov_candidates", "clip_cov_select", "clip_cov_loss"]
@@ -120,22 +118,13 @@ def clip_cov_loss(
     logp = torch.where(detached, batch.logp.detach(), batch.logp)
 
     per_token, stats = clipped_surrogate(logp, batch.old_logp, adv, mask, clip.clip_low, clip.clip_high, clip.dual_clip or 0.0)
-    pg = token_mean(per_token, mask)
-    kl_penalty, kl_terms = reference_kl(batch, clip.kl_coef)
-    loss = pg + kl_penalty
-    terms = {
-        "loss": loss,
-        "pg": pg,
-        "clip_cov_candidates": candidates.sum(),
-        "clip_cov_detached": detached.sum(),
-        "clip_cov_frac": masked_mean(detached.float(), mask),
-        "cov_mean": masked_mean(token_covariance(batch.logp, adv, mask), mask),
-        "kl_penalty": kl_penalty,
-        **kl_terms,
-        **stats,
-        "tokens": mask.sum(),
-    }
-    return LossOutput(loss=loss, terms=to_floats(terms))
+    return surrogate_loss(
+        batch, per_token, stats, clip.kl_coef,
+        clip_cov_candidates=candidates.sum(),
+        clip_cov_detached=detached.sum(),
+        clip_cov_frac=masked_mean(detached.float(), mask),
+        cov_mean=masked_mean(token_covariance(batch.logp, adv, mask), mask),
+    )
 
 
 register_objective(
