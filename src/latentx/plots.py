@@ -152,6 +152,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label_step_axes(ax, title: str, ylabel: str) -> None:
+    """Title, the integer "RL step" x axis, y label, grid and legend of a per-step panel."""
+    ax.set_title(title)
+    ax.set_xlabel("RL step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
 def _curve_panel(runs: list[RunData], key: str, title: str, ylabel: str, out: Path, smooth: int) -> Path | None:
     if not any(_series(r.rows, key)[0] for r in runs):
         return None
@@ -171,12 +181,7 @@ def _curve_panel(runs: list[RunData], key: str, title: str, ylabel: str, out: Pa
             if sx == xs:
                 ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
                                 color=color, alpha=0.12, label="±1 std over responses")
-    ax.set_title(title)
-    ax.set_xlabel("RL step")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _label_step_axes(ax, title, ylabel)
     if max(widths, default=1) > 1:
         ax.text(1.0, -0.13, f"thin: per step; thick: moving average over {max(widths)} steps", fontsize=7,
                 color="0.4", transform=ax.transAxes, va="top", ha="right")
@@ -198,12 +203,7 @@ def _term_panel(runs: list[RunData], prefix: str, title: str, ylabel: str, out: 
             ax.plot(xs, _smooth(ys, width), color=f"C{(i * len(terms) + j) % 10}", ls=styles[i % len(styles)],
                     lw=1.6, marker="o" if len(xs) < 30 else None, ms=3,
                     label=f"{run.label}: {term}" if len(runs) > 1 else term)
-    ax.set_title(title)
-    ax.set_xlabel("RL step")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _label_step_axes(ax, title, ylabel)
     return _save(fig, out)
 
 
