@@ -102,7 +102,8 @@ def _unique_labels(runs: list[RunData]) -> None:
             run.label = f"{run.path.resolve().parent.name}/{run.label}"
 
 
-def _smooth(values: Sequence[float], width: int) -> list[float]:
+def moving_average(values: Sequence[float], width: int) -> list[float]:
+    """Trailing moving average: entry i is the mean of ``values[max(0, i − width + 1) : i + 1]``."""
     out, acc = [], []
     for v in values:
         acc.append(v)
@@ -127,7 +128,7 @@ def _draw(ax, xs: list[int], ys: list[float], color: str, label: str, smooth: in
     width = smooth if smooth > 0 else max(3, len(ys) // 10)
     if len(ys) >= 5 and width > 1:
         ax.plot(xs, ys, color=color, lw=0.8, alpha=0.3)
-        ax.plot(xs, _smooth(ys, width), color=color, lw=2, label=label)
+        ax.plot(xs, moving_average(ys, width), color=color, lw=2, label=label)
         return width
     ax.plot(xs, ys, color=color, lw=1.5, marker="o", ms=3, label=label)
     return 1
@@ -200,7 +201,7 @@ def _term_panel(runs: list[RunData], prefix: str, title: str, ylabel: str, out: 
             if not xs:
                 continue
             width = smooth if smooth > 0 else 1
-            ax.plot(xs, _smooth(ys, width), color=f"C{(i * len(terms) + j) % 10}", ls=styles[i % len(styles)],
+            ax.plot(xs, moving_average(ys, width), color=f"C{(i * len(terms) + j) % 10}", ls=styles[i % len(styles)],
                     lw=1.6, marker="o" if len(xs) < 30 else None, ms=3,
                     label=f"{run.label}: {term}" if len(runs) > 1 else term)
     _label_step_axes(ax, title, ylabel)
