@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from latentx.objectives import VerlConfig, VerlShaper, group_advantages  # noqa: E402
+from latentx.objectives import VerlConfig, VerlInputs, VerlShaper, group_advantages  # noqa: E402
 
 R, T = 8, 64
 
@@ -49,7 +49,7 @@ def run(cfg: VerlConfig | None, seed: int, steps: int, groups: int) -> list[torc
         if shaper is None:
             out.append(torch.where(mask, adv[:, None].expand_as(mask), torch.zeros(())))
         else:
-            out.append(shaper.shape(adv, er, erv, era, mask, rewards=rewards, group=group)[0])
+            out.append(shaper.shape(VerlInputs(adv, er, erv, era, rewards=rewards, group=group), mask)[0])
     return out
 
 

@@ -50,13 +50,19 @@ from latentx.warmstart import WarmStartConfig, warm_start
 
 
 @dataclass
-class ScriptArguments:
-    model: str = field(default="tiny", metadata={"help": "'tiny' (built-in tiny Qwen2) or a Hugging Face id / directory."})
+class TaskArguments:
+    """The latentx task and its training problems (shared with trl_relax_vl.py)."""
+
     task: str = field(default="countdown", metadata={"help": "latentx task: 'countdown' or 'math'."})
     task_options: str = field(default="{}", metadata={"help": "JSON object of task options, e.g. '{\"num_operands\": 3}'."})
-    data_path: str | None = field(default=None, metadata={"help": "problem file (JSONL / Parquet) for --task math."})
+    data_path: str | None = field(default=None, metadata={"help": "problem file (JSONL / Parquet) for --task math / vmath."})
     train_size: int = field(default=256, metadata={"help": "number of training problems."})
     task_seed: int = field(default=0, metadata={"help": "seed of the problem generator / sampler."})
+
+
+@dataclass
+class ScriptArguments(TaskArguments):
+    model: str = field(default="tiny", metadata={"help": "'tiny' (built-in tiny Qwen2) or a Hugging Face id / directory."})
     warm_start: bool | None = field(
         default=None,
         metadata={"help": "start from latentx's cached supervised warm start (the one `latentx train` uses); "
@@ -65,6 +71,15 @@ class ScriptArguments:
     monitor_plot: str | None = field(
         default=None, metadata={"help": "write a PNG of the latent/ monitor curves beside reward and entropy here."}
     )
+
+
+def load_task(script: TaskArguments) -> tuple[Task, list[TaskInstance]]:
+    """The task named by ``--task`` (with ``--task_options`` and ``--data_path``) and its training problems."""
+    options = json.loads(script.task_options)
+    if script.data_path:
+        options["path"] = script.data_path
+    task = get_task(script.task, **options)
+    return task, task.train_instances(script.train_size, seed=script.task_seed)
 
 
 def load_policy(script: ScriptArguments, task: Task, output_dir: str) -> tuple[str, object, dict]:
@@ -104,10 +119,12 @@ def build_dataset(task: Task, instances: list[TaskInstance], tokenizer) -> Datas
 
 
 def make_reward(task: Task, instances: list[TaskInstance]):
-    """TRL reward function: latentx's verifiable reward of each completion against its problem."""
+    """TRL reward function: latentx's verifiable reward of each completion (a string, or for conversational
+    prompts the list of messages whose last one is the reply) against its problem (column ``instance_index``)."""
 
-    def task_reward(completions: list[str], instance_index: list[int], **kwargs) -> list[float]:
-        return [task.reward(instances[i], completion) for completion, i in zip(completions, instance_index)]
+    def task_reward(completions: list, instance_index: list[int], **kwargs) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [task.reward(instances[i], text) for text, i in zip(texts, instance_index)]
 
     task_reward.__name__ = f"{task.name}_reward"
     return task_reward
@@ -175,12 +192,8 @@ def plot_monitor(log_history: list[dict], path: str) -> None:
 
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, LatentGRPOConfig)).parse_args_into_dataclasses()
-    options = json.loads(script.task_options)
-    if script.data_path is not None:
-        options["path"] = script.data_path
-    task = get_task(script.task, **options)
+    task, instances = load_task(script)
     model_path, tokenizer, warm_info = load_policy(script, task, args.output_dir)
-    instances = task.train_instances(script.train_size, seed=script.task_seed)
     trainer = LatentGRPOTrainer(
         model=model_path,
         reward_funcs=make_reward(task, instances),

@@ -19,28 +19,26 @@ vLLM generation colocated with training (needs torchvision, which the stock Qwen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import HfArgumentParser
+from trl_relax import TaskArguments, load_task, make_reward  # the text example beside this file
 
 from latentx.integrations.trl import LatentGRPOConfig, LatentGRPOTrainer
 from latentx.models import load_model
-from latentx.tasks import get_task
 from latentx.vision import open_image, processor_of, save_tokenizer
 
 
 @dataclass
-class ScriptArguments:
-    model: str = field(default="tiny-vl", metadata={"help": "'tiny-vl' or a vision-language model id / directory."})
+class ScriptArguments(TaskArguments):
+    """trl_relax.py's task arguments with vision defaults, and a vision-language model."""
+
     task: str = field(default="vcountdown", metadata={"help": "latentx task with images: 'vcountdown' or 'vmath'."})
     task_options: str = field(default='{"min_operands": 2, "max_operands": 3}', metadata={"help": "JSON task options."})
-    data_path: str | None = field(default=None, metadata={"help": "problem file for --task vmath."})
-    train_size: int = field(default=256, metadata={"help": "number of training problems."})
-    task_seed: int = field(default=0, metadata={"help": "seed of the problem generator / sampler."})
+    model: str = field(default="tiny-vl", metadata={"help": "'tiny-vl' or a vision-language model id / directory."})
 
 
 def load_policy(script: ScriptArguments, output_dir: str):
@@ -62,12 +60,7 @@ def load_policy(script: ScriptArguments, output_dir: str):
 
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, LatentGRPOConfig)).parse_args_into_dataclasses()
-    options = json.loads(script.task_options)
-    if script.data_path:
-        options["path"] = script.data_path
-    task = get_task(script.task, **options)
-    instances = task.train_instances(script.train_size, seed=script.task_seed)
-    by_index = {str(k): inst for k, inst in enumerate(instances)}
+    task, instances = load_task(script)
     # TRL's multimodal path wants conversational prompts and an image column; the text part is the task's
     # own prompt with its <image> markers removed (the image goes first).
     dataset = Dataset.from_dict({
@@ -75,16 +68,11 @@ def main() -> None:
                                                  {"type": "text", "text": inst.prompt.replace("<image>", "")}]}]
                    for inst in instances],
         "image": [open_image(task.images(inst)[0], where=f"problem {inst.id}") for inst in instances],
-        "index": list(by_index),
+        "instance_index": list(range(len(instances))),
     })
-
-    def reward(completions, index, **kwargs):
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        return [task.reward(by_index[i], text) for i, text in zip(index, texts)]
-
     model, processor = load_policy(script, args.output_dir)
-    trainer = LatentGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                                processing_class=processor)
+    trainer = LatentGRPOTrainer(model=model, reward_funcs=make_reward(task, instances), args=args,
+                                train_dataset=dataset, processing_class=processor)
     trainer.train()
     trainer.save_model(args.output_dir)
 

@@ -35,6 +35,7 @@ from latentx.objectives import (  # noqa: E402
     RelaxConfig,
     VerlBaselines,
     VerlConfig,
+    VerlInputs,
     VerlShaper,
     exploration_term,
     grpo_loss,
@@ -287,7 +288,7 @@ def test_verl_two_trl_steps_match_latentx(tiny_dir, tmp_path):
         torch.testing.assert_close(rec["er"], er, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(rec["erv"], erv, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(rec["era"], era, atol=1e-4, rtol=1e-5)
-        token_adv, _ = shaper.shape(advantages, er, erv, era, mask)
+        token_adv, _ = shaper.shape(VerlInputs(advantages, er, erv, era), mask)
         torch.testing.assert_close(rec["shaped"], token_adv[:, 0], atol=1e-5, rtol=1e-5)
         if step == 1:
             assert (rec["shaped"] - rec["trl_advantages"]).abs().max() > 1e-3  # shaping is active
@@ -442,7 +443,7 @@ def test_verl_presets_over_two_processes_equal_the_core(preset):
             rewards=rewards, num_generations=R, scale_rewards="group",
         ),
     )
-    core = verl_step(adv, er, erv, era, base, cfg, rewards, group, advantage_eps=1e-4)
+    core = verl_step(VerlInputs(adv, er, erv, era, rewards, group, advantage_eps=1e-4), base, cfg)
     assert torch.equal(torch.cat([p.shaped for p in parts]), core.shaped)
     assert torch.equal(torch.cat([p.advantages for p in parts]), core.advantages)
     assert all(p.baselines == core.baselines for p in parts)

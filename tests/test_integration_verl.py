@@ -41,6 +41,7 @@ from latentx.objectives import (  # noqa: E402
     PolicyBatch,
     RelaxConfig,
     VerlConfig,
+    VerlInputs,
     VerlShaper,
     grpo_loss,
     relax_loss,
@@ -502,8 +503,9 @@ def test_shape_advantages_equals_verl_shaper(apply_to, performance_scaling):
         td, raw = shaping_batch(step)
         shaped, info = shape_advantages(td, ours)
         expected, expected_info = reference.shape(
-            raw["adv"], raw["er"], raw["erv"], raw["era"], raw["mask"],
-            rewards=raw["rewards"] if performance_scaling else None,
+            VerlInputs(raw["adv"], raw["er"], raw["erv"], raw["era"],
+                       rewards=raw["rewards"] if performance_scaling else None),
+            raw["mask"],
         )
         torch.testing.assert_close(shaped, expected)
         assert info["latentx/verl_first_step"] == (1.0 if step == 0 else 0.0)
@@ -519,7 +521,8 @@ def test_shape_advantages_skips_padding_rows_and_names_missing_fields():
     for step in range(2):
         td, raw = shaping_batch(step)
         shaped, _ = shape_advantages(td, ours, keep)
-        expected, _ = reference.shape(raw["adv"][:4], raw["er"][:4], raw["erv"][:4], raw["era"][:4], raw["mask"][:4])
+        expected, _ = reference.shape(VerlInputs(raw["adv"][:4], raw["er"][:4], raw["erv"][:4], raw["era"][:4]),
+                                      raw["mask"][:4])
         torch.testing.assert_close(shaped[:4], expected)
         torch.testing.assert_close(shaped[4:], raw["adv"][4:, None] * raw["mask"][4:])
     assert ours.state_dict() == reference.state_dict()
@@ -551,8 +554,9 @@ def test_shape_advantages_enabled_uses_verls_groups():
             td.set_non_tensor("uid", UIDS)
             shaped, _ = shape_advantages(td, ours, norm_adv_by_std=norm_by_std)
             expected, _ = reference.shape(
-                raw["adv"], raw["er"], raw["erv"], raw["era"], raw["mask"], rewards=raw["rewards"], group=group,
-                advantage_std=norm_by_std,
+                VerlInputs(raw["adv"], raw["er"], raw["erv"], raw["era"], rewards=raw["rewards"], group=group,
+                           advantage_std=norm_by_std),
+                raw["mask"],
             )
             torch.testing.assert_close(shaped, expected)
         assert (shaped != raw["adv"][:, None] * raw["mask"]).any()
@@ -614,7 +618,8 @@ def test_trainer_compute_advantage_shapes_through_transfer_queue(monkeypatch):
     metrics: dict = {}
     out = trainer._compute_advantage(Batch(), metrics)
     assert out == "meta" and "latentx/verl_bonus_mean" in metrics
-    expected, _ = reference.shape(raw["adv"][:5], raw["er"][:5], raw["erv"][:5], raw["era"][:5], raw["mask"][:5])
+    expected, _ = reference.shape(VerlInputs(raw["adv"][:5], raw["er"][:5], raw["erv"][:5], raw["era"][:5]),
+                                  raw["mask"][:5])
     for i, key in enumerate(keys[:5]):
         n = int(raw["mask"][i].sum())
         torch.testing.assert_close(store.rows[key]["advantages"], expected[i, :n])

@@ -130,3 +130,32 @@ def test_trainer_runs_a_user_registered_objective(tmp_path) -> None:
     row = trainer.train_step()
     assert row["flipped"] == 1.0 and row["seen"] == 1.0 and "er_mean" in row
     assert trainer.objective.state.steps == 1
+
+
+def test_adapters_read_the_registry_and_name_what_they_lack() -> None:
+    """The TRL and verl adapters validate against the one registry: an unknown name lists what they run, a
+    user-registered objective they have no code path for is refused in one line that says so."""
+    from latentx.integrations.verl.settings import OBJECTIVES as VERL_RUNS
+    from latentx.integrations.verl.settings import parse_settings
+
+    _register()
+    assert parse_settings({"objective": "verl"}).objective == "verl"
+    with pytest.raises(ValueError, match=r"latentx\.objective must be one of 'grpo', 'relax', 'verl', got 'ppo'"):
+        parse_settings({"objective": "ppo"})
+    with pytest.raises(ValueError) as err:
+        parse_settings({"objective": "test_half"})
+    message = str(err.value)
+    assert "\n" not in message and "latentx.objective='test_half' is a registered objective" in message
+    assert "the verl plugin has no code path for it" in message and f"it runs {', '.join(VERL_RUNS)}" in message
+
+    pytest.importorskip("trl")
+    from latentx.integrations.trl import LATENT_OBJECTIVES, LatentGRPOConfig
+
+    assert set(LATENT_OBJECTIVES) <= set(REGISTRY) and set(VERL_RUNS) <= set(REGISTRY)
+    with pytest.raises(ValueError) as err:
+        LatentGRPOConfig(output_dir="unused", use_cpu=True, latent_objective="test_half")
+    message = str(err.value)
+    assert "\n" not in message and "latent_objective='test_half' is a registered objective" in message
+    assert "the TRL adapter has no code path for it" in message and "`latentx train` runs every registered" in message
+    with pytest.raises(ValueError, match="latent_objective must be one of 'grpo', 'relax'"):
+        LatentGRPOConfig(output_dir="unused", use_cpu=True, latent_objective="ppo")

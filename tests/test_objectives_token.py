@@ -22,6 +22,7 @@ from latentx.objectives import (
     kl_cov_loss,
     kl_cov_select,
 )
+from latentx.objectives.clip_cov import clip_cov_candidates
 
 # ----------------------------------------------------------------------------------------------- entropy
 
@@ -224,13 +225,18 @@ def test_clip_cov_detaches_only_tokens_in_the_band() -> None:
     assert batch.logp.grad[0, 2].item() == pytest.approx(-3.0 / 8)  # −Aρ/N on a kept token
 
 
+def _detached(logp, old_logp, adv_tok, mask, cfg, clip, generator=None):
+    """Clip-Cov's detached tokens: a random subset of the candidates."""
+    return clip_cov_select(clip_cov_candidates(logp, old_logp, adv_tok, mask, cfg, clip), mask, cfg, generator)
+
+
 def test_clip_cov_band_edges_come_from_the_config() -> None:
     adv_tok = CC_ADV[:, None].expand(2, 4)
     mask = torch.ones(2, 4, dtype=torch.bool)
     narrow = ClipCovConfig(ratio=1.0, cov_low=1.0, cov_high=3.0)
-    assert _cells(clip_cov_select(CC_LOGP, CC_LOGP, adv_tok, mask, narrow, GRPOConfig())) == {(0, 1), (0, 3)}
+    assert _cells(_detached(CC_LOGP, CC_LOGP, adv_tok, mask, narrow, GRPOConfig())) == {(0, 1), (0, 3)}
     low = ClipCovConfig(ratio=1.0, cov_low=-2.0, cov_high=0.5)
-    assert _cells(clip_cov_select(CC_LOGP, CC_LOGP, adv_tok, mask, low, GRPOConfig())) == {(0, 2), (1, 2)}
+    assert _cells(_detached(CC_LOGP, CC_LOGP, adv_tok, mask, low, GRPOConfig())) == {(0, 2), (1, 2)}
 
 
 def test_clip_cov_budget_and_generator() -> None:
@@ -239,20 +245,20 @@ def test_clip_cov_budget_and_generator() -> None:
     mask = torch.ones(2, 4, dtype=torch.bool)
     picks = []
     for seed in range(20):
-        sel = clip_cov_select(CC_LOGP, CC_LOGP, adv_tok, mask, cfg, clip, torch.Generator().manual_seed(seed))
+        sel = _detached(CC_LOGP, CC_LOGP, adv_tok, mask, cfg, clip, torch.Generator().manual_seed(seed))
         assert len(_cells(sel)) == 1 and _cells(sel) <= CC_BAND
-        again = clip_cov_select(CC_LOGP, CC_LOGP, adv_tok, mask, cfg, clip, torch.Generator().manual_seed(seed))
+        again = _detached(CC_LOGP, CC_LOGP, adv_tok, mask, cfg, clip, torch.Generator().manual_seed(seed))
         assert torch.equal(sel, again)
         picks.append(next(iter(_cells(sel))))
     assert len(set(picks)) > 1  # really random
-    assert not clip_cov_select(CC_LOGP, CC_LOGP, adv_tok, mask, ClipCovConfig(ratio=0.0), clip).any()
+    assert not _detached(CC_LOGP, CC_LOGP, adv_tok, mask, ClipCovConfig(ratio=0.0), clip).any()
 
 
 def test_clip_cov_skips_tokens_the_clip_already_cuts() -> None:
     old = CC_LOGP.clone()
     old[0, 0] = CC_LOGP[0, 0] - math.log(1.5)  # ρ = 1.5 with Â = 3 > 0: already clipped
     adv_tok = CC_ADV[:, None].expand(2, 4)
-    sel = clip_cov_select(CC_LOGP, old, adv_tok, torch.ones(2, 4, dtype=torch.bool), ClipCovConfig(ratio=1.0), GRPOConfig())
+    sel = _detached(CC_LOGP, old, adv_tok, torch.ones(2, 4, dtype=torch.bool), ClipCovConfig(ratio=1.0), GRPOConfig())
     assert _cells(sel) == CC_BAND - {(0, 0)}
 
 

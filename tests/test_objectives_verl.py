@@ -10,6 +10,7 @@ import torch
 from latentx.objectives import (
     VerlBaselines,
     VerlConfig,
+    VerlInputs,
     VerlShaper,
     group_advantages,
     verl_shape,
@@ -53,7 +54,7 @@ def _expected(adv: list[float], base: VerlBaselines, gating: str, c: float = 1.0
 def test_shaping_by_hand_single_responses() -> None:
     adv = group_advantages(REWARDS, GROUP)
     a = adv[0].item()  # 0.5 / (sqrt(1/3) + 1e-6)
-    shaped, info = verl_shape(adv, ER, ERV, ERA, BASE, VerlConfig())
+    shaped, info = verl_shape(VerlInputs(adv, ER, ERV, ERA), BASE, VerlConfig())
     # Response 0: rel_ER = 0.2, rel_ERV = 0.5, rel_ERA = (0.5 + 0.5)/0.5 = 2 -> τ = sigmoid(4).
     tau = 1 / (1 + math.exp(-4))
     aux = tau * math.tanh(0.2) + (1 - tau) * math.tanh(0.5)
@@ -73,7 +74,7 @@ def test_shaping_by_hand_single_responses() -> None:
 @pytest.mark.parametrize("gating", ["era", "fixed_half", "sum"])
 def test_shaping_all_gating_modes(gating: str) -> None:
     adv = group_advantages(REWARDS, GROUP)
-    shaped, _ = verl_shape(adv, ER, ERV, ERA, BASE, VerlConfig(gating=gating))
+    shaped, _ = verl_shape(VerlInputs(adv, ER, ERV, ERA), BASE, VerlConfig(gating=gating))
     torch.testing.assert_close(shaped, torch.tensor(_expected(adv.tolist(), BASE, gating)), rtol=1e-6, atol=1e-6)
     assert bool((shaped >= adv).all())  # the bonus is never negative
     assert bool((shaped - adv <= adv.abs() / 2 + 1e-7).all())  # and capped at |Â|/κ
@@ -81,17 +82,17 @@ def test_shaping_all_gating_modes(gating: str) -> None:
 
 def test_gating_modes_differ_and_coef_gain_kappa_matter() -> None:
     adv = group_advantages(REWARDS, GROUP)
-    results = {g: verl_shape(adv, ER, ERV, ERA, BASE, VerlConfig(gating=g))[0] for g in ("era", "fixed_half", "sum")}
+    results = {g: verl_shape(VerlInputs(adv, ER, ERV, ERA), BASE, VerlConfig(gating=g))[0] for g in ("era", "fixed_half", "sum")}
     assert not torch.allclose(results["era"], results["fixed_half"])
     assert not torch.allclose(results["sum"], results["fixed_half"])
-    custom = verl_shape(adv, ER, ERV, ERA, BASE, VerlConfig(coef=0.3, gain=0.5, kappa=4.0))[0]
+    custom = verl_shape(VerlInputs(adv, ER, ERV, ERA), BASE, VerlConfig(coef=0.3, gain=0.5, kappa=4.0))[0]
     expected = _expected(adv.tolist(), BASE, "era", c=0.3, g=0.5, kappa=4.0)
     torch.testing.assert_close(custom, torch.tensor(expected), rtol=1e-6, atol=1e-6)
 
 
 def test_zero_advantage_gets_no_bonus() -> None:
     adv = torch.zeros(8)
-    shaped, _ = verl_shape(adv, ER, ERV, ERA, BASE, VerlConfig(gating="sum"))
+    shaped, _ = verl_shape(VerlInputs(adv, ER, ERV, ERA), BASE, VerlConfig(gating="sum"))
     assert torch.equal(shaped, adv)
 
 
@@ -118,7 +119,7 @@ def test_first_step_is_not_shaped_and_ema_updates_after_the_step() -> None:
     mask = torch.ones(8, 3, dtype=torch.bool)
     adv = group_advantages(REWARDS, GROUP)
 
-    tok1, info1 = shaper.shape(adv, ER, ERV, ERA, mask)
+    tok1, info1 = shaper.shape(VerlInputs(adv, ER, ERV, ERA), mask)
     assert torch.equal(tok1, adv[:, None].expand(8, 3))
     assert info1["verl_first_step"] == 1.0
     m1 = VerlBaselines(
@@ -131,10 +132,10 @@ def test_first_step_is_not_shaped_and_ema_updates_after_the_step() -> None:
 
     # Step 2 uses the baselines from step 1 only (not step 2's own means).
     er2, erv2, era2 = ER * 1.5, ERV - 0.5, ERA + 0.25
-    tok2, info2 = shaper.shape(adv, er2, erv2, era2, mask)
+    tok2, info2 = shaper.shape(VerlInputs(adv, er2, erv2, era2), mask)
     assert info2["verl_first_step"] == 0.0
     assert info2["verl_m_er"] == pytest.approx(m1.er, rel=1e-6)
-    expected2, _ = verl_shape(adv, er2, erv2, era2, shaper_baselines_after(m1), cfg)
+    expected2, _ = verl_shape(VerlInputs(adv, er2, erv2, era2), shaper_baselines_after(m1), cfg)
     torch.testing.assert_close(tok2, expected2[:, None].expand(8, 3))
     assert shaper.baselines.er == pytest.approx(0.7 * m1.er + 0.3 * er2.mean().item(), rel=1e-6)
     assert shaper.baselines.steps == 2
@@ -149,17 +150,17 @@ def test_performance_scaling() -> None:
     shaper = VerlShaper(cfg)
     mask = torch.ones(8, 2, dtype=torch.bool)
     adv = group_advantages(REWARDS, GROUP)
-    shaper.shape(adv, ER, ERV, ERA, mask, rewards=REWARDS)
+    shaper.shape(VerlInputs(adv, ER, ERV, ERA, rewards=REWARDS), mask)
     # mean reward 5/8 -> 2·0.625 − 1 = 0.25 -> ē = 0.3·0.25 = 0.075.
     assert shaper.baselines.reward_ema == pytest.approx(0.075, rel=1e-6)
     used = shaper.baselines
-    tok, info = shaper.shape(adv, ER, ERV, ERA, mask, rewards=REWARDS)
+    tok, info = shaper.shape(VerlInputs(adv, ER, ERV, ERA, rewards=REWARDS), mask)
     c = 1.0 * (1 - (0.075 + 1) / 2)  # 0.4625
     assert info["verl_coef"] == pytest.approx(c, rel=1e-6)
     expected = _expected(adv.tolist(), used, "era", c=c)
     torch.testing.assert_close(tok[:, 0], torch.tensor(expected), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="performance_scaling"):
-        VerlShaper(cfg).shape(adv, ER, ERV, ERA, mask)
+        VerlShaper(cfg).shape(VerlInputs(adv, ER, ERV, ERA), mask)
 
 
 def test_reward_range_mapping() -> None:
@@ -170,7 +171,7 @@ def test_reward_range_mapping() -> None:
 
 def test_float32_throughout() -> None:
     adv = group_advantages(REWARDS, GROUP).to(torch.bfloat16)
-    shaped, _ = verl_shape(adv, ER.to(torch.bfloat16), ERV.double(), ERA.half(), BASE, VerlConfig())
+    shaped, _ = verl_shape(VerlInputs(adv, ER.to(torch.bfloat16), ERV.double(), ERA.half()), BASE, VerlConfig())
     assert shaped.dtype == torch.float32
     b = verl_update_baselines(BASE, ER.double(), ERV.double(), ERA.double(), VerlConfig())
     assert b.er == float(torch.tensor(b.er, dtype=torch.float32))  # stored values are float32 numbers
@@ -183,15 +184,15 @@ def test_state_dict_round_trip_continues_exactly() -> None:
     steps = [(ER * (1 + 0.1 * k), ERV + 0.3 * k, ERA - 0.2 * k, REWARDS.roll(k)) for k in range(3)]
 
     full = VerlShaper(cfg)
-    outs = [full.shape(adv, *s[:3], mask, rewards=s[3])[0] for s in steps]
+    outs = [full.shape(VerlInputs(adv, *s[:3], rewards=s[3]), mask)[0] for s in steps]
 
     first = VerlShaper(cfg)
     for s in steps[:2]:
-        first.shape(adv, *s[:3], mask, rewards=s[3])
+        first.shape(VerlInputs(adv, *s[:3], rewards=s[3]), mask)
     resumed = VerlShaper(cfg)
     resumed.load_state_dict(first.state_dict())
     assert resumed.state_dict() == first.state_dict()
-    out3, _ = resumed.shape(adv, *steps[2][:3], mask, rewards=steps[2][3])
+    out3, _ = resumed.shape(VerlInputs(adv, *steps[2][:3], rewards=steps[2][3]), mask)
     assert torch.equal(out3, outs[2])
     assert not torch.equal(outs[2], adv[:, None].expand(8, 3) * mask)  # shaping really happened
     with pytest.raises(ValueError, match="keys"):
@@ -200,9 +201,9 @@ def test_state_dict_round_trip_continues_exactly() -> None:
 
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="era"):
-        verl_shape(torch.zeros(8), ER, ERV, ERA[:4], BASE, VerlConfig())
+        verl_shape(VerlInputs(torch.zeros(8), ER, ERV, ERA[:4]), BASE, VerlConfig())
     with pytest.raises(ValueError, match="er has a non-finite"):
-        verl_shape(torch.zeros(8), ER * float("nan"), ERV, ERA, BASE, VerlConfig())
+        verl_shape(VerlInputs(torch.zeros(8), ER * float("nan"), ERV, ERA), BASE, VerlConfig())
     with pytest.raises(ValueError, match=r"verl\.ema_rate"):
         VerlConfig(ema_rate=0.0)
     with pytest.raises(ValueError, match=r"verl\.gating"):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from latentx.config import ConfigError, apply_overrides, from_dict, to_dict
-from latentx.objectives import Objective, VerlConfig, VerlShaper, group_advantages
+from latentx.objectives import Objective, VerlConfig, VerlInputs, VerlShaper, group_advantages
 from latentx.objectives.verl import VERL_PRESETS, verl_step
 
 R = 8  # responses per prompt
@@ -210,8 +210,8 @@ def _run_ours(cfg: VerlConfig, batches):
         r = torch.tensor(rewards)
         adv = group_advantages(r, group)
         mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-        tok, _ = shaper.shape(adv, torch.tensor(x["er"]), torch.tensor(x["erv"]), torch.tensor(x["era"]), mask,
-                              rewards=r, group=group)
+        inputs = VerlInputs(adv, torch.tensor(x["er"]), torch.tensor(x["erv"]), torch.tensor(x["era"]), r, group)
+        tok, _ = shaper.shape(inputs, mask)
         rows.append(tok)
     return rows
 
@@ -295,7 +295,9 @@ def test_release_is_grpo_bit_for_bit(caplog) -> None:
             r = torch.tensor(rewards)
             adv = group_advantages(r, group)
             mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-            tok, info = shaper.shape(adv, torch.tensor(x["er"]), torch.tensor(x["erv"]), torch.tensor(x["era"]), mask, r)
+            tok, info = shaper.shape(
+                VerlInputs(adv, torch.tensor(x["er"]), torch.tensor(x["erv"]), torch.tensor(x["era"]), r), mask
+            )
             expected = torch.where(mask, adv[:, None].expand_as(mask), torch.zeros(()))
             assert torch.equal(tok, expected)
             assert info["verl_bonus_mean"] == 0.0 and info["verl_active"] == 0.0
@@ -327,7 +329,9 @@ def test_lag_step_two_shapes_against_zero() -> None:
     (r1, x1, _), (r2, x2, _) = _batches(7, steps=2)
     for rewards, x in ((r1, x1), (r2, x2)):
         r = torch.tensor(rewards)
-        out, info = shaper.step(group_advantages(r, group), *(torch.tensor(x[k]) for k in ("er", "erv", "era")), r)
+        out, info = shaper.step(
+            VerlInputs(group_advantages(r, group), *(torch.tensor(x[k]) for k in ("er", "erv", "era")), r)
+        )
         used_first = info["verl_first_step"]
     assert used_first == 0.0 and info["verl_m_er"] == 0.0
     rel = out.parts["rel_er"]
@@ -349,8 +353,8 @@ def test_state_round_trip_continues_exactly() -> None:
             first.load_state_dict(state)
         r = torch.tensor(rewards)
         mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-        tok, _ = first.shape(group_advantages(r, group), *(torch.tensor(x[k]) for k in ("er", "erv", "era")), mask,
-                             rewards=r, group=group)
+        signals = (torch.tensor(x[k]) for k in ("er", "erv", "era"))
+        tok, _ = first.shape(VerlInputs(group_advantages(r, group), *signals, rewards=r, group=group), mask)
         rows.append(tok)
     assert all(torch.equal(a, b) for a, b in zip(whole, rows))
 
@@ -414,11 +418,11 @@ def test_aux_in_reward_needs_rewards_and_groups() -> None:
     cfg = VerlConfig(aux_in_reward=True)
     x = torch.ones(8)
     shaper = VerlShaper(cfg)
-    shaper.shape(torch.zeros(8), x, x, x, torch.ones(8, 2, dtype=torch.bool))  # first step: no signal yet
+    shaper.shape(VerlInputs(torch.zeros(8), x, x, x), torch.ones(8, 2, dtype=torch.bool))  # first step: no signal yet
     with pytest.raises(ValueError, match=r"verl\.aux_in_reward needs the step's rewards"):
-        verl_step(torch.zeros(8), x, x, x, shaper.baselines, cfg)
+        verl_step(VerlInputs(torch.zeros(8), x, x, x), shaper.baselines, cfg)
     with pytest.raises(ValueError, match=r"verl\.aux_in_reward needs the prompt group"):
-        verl_step(torch.zeros(8), x, x, x, shaper.baselines, cfg, rewards=x)
+        verl_step(VerlInputs(torch.zeros(8), x, x, x, rewards=x), shaper.baselines, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -458,6 +462,7 @@ def test_objective_enabled_reruns_grpo_with_its_settings() -> None:
         mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
         sig = [torch.tensor(x[k]) for k in ("er", "erv", "era")]
         got, _ = objective.shape_advantages(objective.advantages(r, group), *sig, mask, r, group)
-        want, _ = shaper.shape(group_advantages(r, group, std_normalize=False), *sig, mask, r, group,
-                               advantage_std=False)
+        want, _ = shaper.shape(
+            VerlInputs(group_advantages(r, group, std_normalize=False), *sig, r, group, advantage_std=False), mask
+        )
         assert torch.equal(got, want)

@@ -287,26 +287,33 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], allowed=RESUMAB
     ]
 
 
+def run_differences(run_dir: str | os.PathLike, config: dict[str, Any], allowed=RESUMABLE_CHANGES) -> str | None:
+    """How ``config`` (the plain dict of a resolved config) differs from ``run_dir``'s ``config.yaml``: one
+    line naming each differing setting with both values (the first four), or None when the directory has
+    no ``config.yaml`` (a new run) or only settings under ``allowed`` differ."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    saved = read_yaml_file(path)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a latentx run config (top level is {type(saved).__name__})")
+    differences = config_differences(saved, config, allowed)
+    if not differences:
+        return None
+    shown = "; ".join(f"{key} is {old!r} there, {new!r} now" for key, old, new in differences[:4])
+    return shown + (f" (and {len(differences) - 4} more)" if len(differences) > 4 else "")
+
+
 def check_same_run(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:
     """Refuse to continue ``run_dir`` with settings that differ from its ``config.yaml``.
 
     ``config`` is the plain dict of the (resolved) config about to run.  Only :data:`RESUMABLE_CHANGES`
-    may differ.  The error is one line naming each differing setting with both values; nothing is
-    written.  A directory without ``config.yaml`` is a new run.
+    may differ.  The error is one line naming each differing setting with both values
+    (:func:`run_differences`); nothing is written.  A directory without ``config.yaml`` is a new run.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return
-    saved = read_yaml_file(path)
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path}: not a latentx run config (top level is {type(saved).__name__})")
-    differences = config_differences(saved, config)
-    if not differences:
-        return
-    shown = "; ".join(f"{key} is {old!r} there, {new!r} now" for key, old, new in differences[:4])
-    more = f" (and {len(differences) - 4} more)" if len(differences) > 4 else ""
-    raise ConfigError(
-        f"{run_dir} holds a run made with other settings: {shown}{more}. Continue it with "
-        f"`latentx train --resume {run_dir}` (optionally --steps N), or choose another --out"
-    )
+    shown = run_differences(run_dir, config)
+    if shown is not None:
+        raise ConfigError(
+            f"{run_dir} holds a run made with other settings: {shown}. Continue it with "
+            f"`latentx train --resume {run_dir}` (optionally --steps N), or choose another --out"
+        )

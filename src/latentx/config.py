@@ -240,6 +240,18 @@ def load_yaml(cls: type[T], path: str | os.PathLike, overrides: typing.Iterable[
         raise ConfigError(f"{path}: {err}") from None
 
 
+def parse_int_list(text: str, option: str, expected: str = "comma-separated integers") -> list[int]:
+    """A command-line list of integers, ``"1,2,4"`` -> ``[1, 2, 4]``; one that does not parse, or is empty,
+    is a :class:`ConfigError` naming ``option`` (and what was ``expected``)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be {expected}, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{option} must list at least one integer")
+    return values
+
+
 def read_yaml_file(path: str | os.PathLike) -> Any:
     """The parsed contents of a YAML file (YAML 1.2 booleans); unreadable, non-UTF-8 or malformed files
     raise a one-line :class:`ConfigError` naming the file."""

@@ -29,6 +29,7 @@ as in :mod:`latentx.rollout`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterable, Optional, 
 
 import typer
 
+from latentx.config import parse_int_list
 from latentx.metrics import aggregate, average_over_benchmarks, default_ks, problem_counts
 from latentx.templates import PromptTemplate, get_template
 
@@ -418,11 +420,9 @@ def evaluate_model(
     """
     settings = SamplingSettings(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 ks=tuple(ks) if ks is not None else None)
-
-    def generate(prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
-        return generate_hf(model, tokenizer, prompts, s, batch_size=batch_size, seed=seed, progress=progress,
-                           desc=benchmark)
-
+    generate = functools.partial(
+        generate_hf, model, tokenizer, batch_size=batch_size, seed=seed, progress=progress, desc=benchmark
+    )
     return evaluate_problems(list(problems), settings, generate, tokenizer, template, grader, benchmark, timeout, workers)
 
 
@@ -432,13 +432,14 @@ def evaluate_task(
     task: Any,
     instances: Sequence[Any],
     settings: SamplingSettings,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = False,
     benchmark: str = "eval",
+    **sampling: Any,
 ) -> BenchmarkResult:
     """:func:`evaluate_problems` on a training task's instances: the task's own prompt builder
-    (``task.format_prompt``) and verifier (``task.is_correct``) instead of a template and the math grader."""
+    (``task.format_prompt``) and verifier (``task.is_correct``) instead of a template and the math grader.
+
+    ``sampling``: :func:`generate_hf`'s ``batch_size``, ``seed`` and ``progress`` (default: no progress bar).
+    """
     from latentx.tasks.benchmarks import Problem
 
     instances = list(instances)
@@ -450,13 +451,8 @@ def evaluate_task(
     from latentx.vision import task_images
 
     images = task_images(task, instances)  # in problem order, as evaluate_problems renders the prompts
-
-    def generate(prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
-        if images is not None and len(prompts) != len(images):
-            raise RuntimeError("evaluate_task: prompts and images out of step")
-        return generate_hf(model, tokenizer, prompts, s, batch_size=batch_size, seed=seed, progress=progress,
-                           desc=benchmark, images=images)
-
+    generate = functools.partial(generate_hf, model, tokenizer, **{"progress": False, **sampling}, desc=benchmark,
+                                 images=images)
     return evaluate_problems(
         problems, settings, generate, tokenizer,
         template=lambda problem, tok: task.format_prompt(by_id[problem.id], tok),
@@ -607,9 +603,7 @@ def run_evaluation(
         where, _ = resolve_model_path(model)
         engine = LLM(model=where, seed=seed)
         tokenizer = engine.get_tokenizer()
-
-        def generate(prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
-            return generate_vllm(where, prompts, s, seed=seed, llm=engine)
+        sample = functools.partial(generate_vllm, where, seed=seed, llm=engine)
     else:
         import torch
 
@@ -617,16 +611,12 @@ def run_evaluation(
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         hf_model, tokenizer = load_model(model, device=device, dtype=dtype, seed=seed)
-        current = {"name": "eval"}
-
-        def generate(prompts: list[str], s: SamplingSettings) -> list[list[Completion]]:
-            return generate_hf(hf_model, tokenizer, prompts, s, batch_size=batch_size, seed=seed,
-                               progress=progress, desc=current["name"])
+        sample = functools.partial(generate_hf, hf_model, tokenizer, batch_size=batch_size, seed=seed,
+                                   progress=progress)
 
     results = []
     for name, bench in zip(names, loaded):
-        if not use_vllm:
-            current["name"] = name
+        generate = sample if use_vllm else functools.partial(sample, desc=name)
         results.append(
             evaluate_problems(bench.problems, settings[name], generate, tokenizer, prompt_template, None, name,
                               timeout, workers, source=bench.source)
@@ -750,18 +740,6 @@ def print_results(summary: dict[str, Any], console: Any | None = None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{option} must list at least one integer")
-    return values
-
-
 def _default_out_dir(model: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.split("::")[-1]).name or model).strip("-") or "model"
     return Path("runs") / "eval" / f"{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -804,7 +782,7 @@ def eval_command(
             out_dir=out_dir,
             protocol=protocol,
             n=n,
-            ks=_int_list(k, "--k"),
+            ks=parse_int_list(k, "--k") if k is not None else None,
             temperature=temperature,
             top_p=top_p,
             max_new_tokens=max_new_tokens,

@@ -102,7 +102,8 @@ def _unique_labels(runs: list[RunData]) -> None:
             run.label = f"{run.path.resolve().parent.name}/{run.label}"
 
 
-def _smooth(values: Sequence[float], width: int) -> list[float]:
+def moving_average(values: Sequence[float], width: int) -> list[float]:
+    """Trailing moving average: entry i is the mean of ``values[max(0, i − width + 1) : i + 1]``."""
     out, acc = [], []
     for v in values:
         acc.append(v)
@@ -127,7 +128,7 @@ def _draw(ax, xs: list[int], ys: list[float], color: str, label: str, smooth: in
     width = smooth if smooth > 0 else max(3, len(ys) // 10)
     if len(ys) >= 5 and width > 1:
         ax.plot(xs, ys, color=color, lw=0.8, alpha=0.3)
-        ax.plot(xs, _smooth(ys, width), color=color, lw=2, label=label)
+        ax.plot(xs, moving_average(ys, width), color=color, lw=2, label=label)
         return width
     ax.plot(xs, ys, color=color, lw=1.5, marker="o", ms=3, label=label)
     return 1
@@ -152,6 +153,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label_step_axes(ax, title: str, ylabel: str) -> None:
+    """Title, the integer "RL step" x axis, y label, grid and legend of a per-step panel."""
+    ax.set_title(title)
+    ax.set_xlabel("RL step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
 def _curve_panel(runs: list[RunData], key: str, title: str, ylabel: str, out: Path, smooth: int) -> Path | None:
     if not any(_series(r.rows, key)[0] for r in runs):
         return None
@@ -171,12 +182,7 @@ def _curve_panel(runs: list[RunData], key: str, title: str, ylabel: str, out: Pa
             if sx == xs:
                 ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
                                 color=color, alpha=0.12, label="±1 std over responses")
-    ax.set_title(title)
-    ax.set_xlabel("RL step")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _label_step_axes(ax, title, ylabel)
     if max(widths, default=1) > 1:
         ax.text(1.0, -0.13, f"thin: per step; thick: moving average over {max(widths)} steps", fontsize=7,
                 color="0.4", transform=ax.transAxes, va="top", ha="right")
@@ -195,15 +201,10 @@ def _term_panel(runs: list[RunData], prefix: str, title: str, ylabel: str, out: 
             if not xs:
                 continue
             width = smooth if smooth > 0 else 1
-            ax.plot(xs, _smooth(ys, width), color=f"C{(i * len(terms) + j) % 10}", ls=styles[i % len(styles)],
+            ax.plot(xs, moving_average(ys, width), color=f"C{(i * len(terms) + j) % 10}", ls=styles[i % len(styles)],
                     lw=1.6, marker="o" if len(xs) < 30 else None, ms=3,
                     label=f"{run.label}: {term}" if len(runs) > 1 else term)
-    ax.set_title(title)
-    ax.set_xlabel("RL step")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _label_step_axes(ax, title, ylabel)
     return _save(fig, out)
 
 

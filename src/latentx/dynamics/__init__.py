@@ -7,45 +7,10 @@ unpadded trajectory.  Specification: ``shared/docs/METHODS.md`` sections 1 (VERL
 (ReLaX Koopman spectrum / DSD).
 """
 
+from latentx.dynamics import entropy, koopman, rank
 from latentx.dynamics._validate import check_trajectories, pack_valid
-from latentx.dynamics.entropy import token_entropies, token_entropy
-from latentx.dynamics.koopman import (
-    AUTHORS_SEED,
-    RIDGE_FLOOR,
-    KoopmanSettings,
-    authors_settings,
-    DSDInfo,
-    KoopmanDictionary,
-    KoopmanSpectrum,
-    dsd,
-    dsd_reference,
-    dsd_with_info,
-    edmd,
-    koopman_operator,
-    koopman_spectrum,
-)
-from latentx.dynamics.rank import RankDynamics, effective_rank, rank_dynamics, rank_dynamics_reference
+from latentx.dynamics.entropy import *  # noqa: F401,F403  (each module's public names, listed once in its __all__)
+from latentx.dynamics.koopman import *  # noqa: F401,F403
+from latentx.dynamics.rank import *  # noqa: F401,F403
 
-__all__ = [
-    "check_trajectories",
-    "pack_valid",
-    "effective_rank",
-    "rank_dynamics",
-    "rank_dynamics_reference",
-    "RankDynamics",
-    "KoopmanDictionary",
-    "KoopmanSettings",
-    "RIDGE_FLOOR",
-    "AUTHORS_SEED",
-    "authors_settings",
-    "KoopmanSpectrum",
-    "DSDInfo",
-    "edmd",
-    "koopman_operator",
-    "koopman_spectrum",
-    "dsd",
-    "dsd_with_info",
-    "dsd_reference",
-    "token_entropy",
-    "token_entropies",
-]
+__all__ = ["check_trajectories", "pack_valid", *rank.__all__, *koopman.__all__, *entropy.__all__]

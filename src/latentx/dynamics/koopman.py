@@ -1009,20 +1009,14 @@ def dsd_with_info(
     return DSDInfo(value.to(dtype), keep.sum(dim=-1), moduli.to(dtype))
 
 
-def dsd(
-    H: Tensor,
-    mask: Tensor,
-    dictionary: KoopmanDictionary,
-    spectrum: Literal["eig", "singular"] | None = None,
-    residual_threshold: float | None = _USE_DICTIONARY,
-    ridge: float | None = None,
-    scaling: Scaling | None = None,
-) -> Tensor:
+def dsd(H: Tensor, mask: Tensor, dictionary: KoopmanDictionary, **overrides: Any) -> Tensor:
     """DSD(H) = unbiased Var_j r_j per response, ``Tensor[B]`` (METHODS.md section 2); ``dictionary.dsd(H, mask)``.
 
-    Same arguments and edge cases as :func:`dsd_with_info` (which also reports how many modes were kept).
+    :func:`dsd_with_info` (which also reports how many modes were kept) without the extra fields: the same
+    arguments (``overrides``: its keywords ``spectrum``, ``residual_threshold``, ``ridge``, ``scaling``) and
+    edge cases.
     """
-    return dsd_with_info(H, mask, dictionary, spectrum, residual_threshold, ridge, scaling).dsd
+    return dsd_with_info(H, mask, dictionary, **overrides).dsd
 
 
 def dsd_reference(

@@ -52,6 +52,7 @@ from latentx.objectives.relax import RelaxConfig, exploration_term, relax_kl_set
 from latentx.objectives.verl import (
     VerlBaselines,
     VerlConfig,
+    VerlInputs,
     VerlShaper,
     verl_loss,
     verl_shape,
@@ -79,6 +80,7 @@ __all__ = [
     "KLCovConfig",
     "ClipCovConfig",
     "VerlBaselines",
+    "VerlInputs",
     "VerlShaper",
     "EntropyCoefController",
     "group_advantages",

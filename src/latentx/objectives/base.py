@@ -480,6 +480,25 @@ def objective_spec(name: object) -> ObjectiveSpec:
     return REGISTRY[name]
 
 
+def adapter_objective(name: object, adapter: str, runs: Iterable[str], field: str = "objective") -> ObjectiveSpec:
+    """The registered spec of ``name`` for an adapter (TRL, verl) that has code paths for the objectives
+    ``runs`` only: it keeps the framework's own loss and adds just those methods' terms, so it cannot run an
+    arbitrary registered objective the way :class:`latentx.objectives.Objective` (``latentx train``) does.
+
+    Errors are one line naming ``field``: a name that is not registered lists what the adapter runs; a
+    registered one it has no code path for says so, names the adapter and what it runs.
+    """
+    runs = tuple(n for n in REGISTRY if n in set(runs))  # registry order; names nobody registered drop out
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, runs))}, got {name!r}")
+    if name not in runs:
+        raise ValueError(
+            f"{field}={name!r} is a registered objective, but {adapter} has no code path for it (it runs "
+            f"{', '.join(runs)}); `latentx train` runs every registered objective"
+        )
+    return REGISTRY[name]
+
+
 def parse_objective_spec(spec: object) -> tuple[str, list[str]]:
     """An objective with an optional preset: ``"verl"`` -> ``("verl", [])``, ``"verl@enabled"`` ->
     ``("verl", ["verl.preset=enabled"])``.

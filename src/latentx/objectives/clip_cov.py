@@ -26,11 +26,9 @@ from latentx.objectives.base import (
     _check_range,
     masked_log_ratio,
     masked_mean,
-    to_floats,
-    token_mean,
     valid_only,
 )
-from latentx.objectives.grpo import clipped_surrogate, reference_kl
+from latentx.objectives.grpo import clipped_surrogate, surrogate_loss
 from latentx.objectives.kl_cov import token_covariance
 
 __all__ = ["ClipCovConfig", "clip_cov_candidates", "clip_cov_select", "clip_cov_loss"]
@@ -77,21 +75,16 @@ def clip_cov_candidates(
 
 
 def clip_cov_select(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv_tok: Tensor,
-    mask: Tensor,
-    cfg: ClipCovConfig,
-    clip: GRPOConfig,
-    generator: torch.Generator | None = None,
+    candidates: Tensor, mask: Tensor, cfg: ClipCovConfig, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Bool ``[B, T]``: the random subset of candidates whose gradient is detached (see module docstring)."""
+    """Bool ``[B, T]``: the random subset of the ``candidates`` (:func:`clip_cov_candidates`) whose gradient
+    is detached, ``min(max(1, ⌊ratio · N⌋), #candidates)`` of them with N the valid tokens of ``mask``."""
     n_valid = int(mask.sum())
     selected = torch.zeros_like(mask)
     if cfg.ratio <= 0 or n_valid == 0:
         return selected
     budget = max(1, int(cfg.ratio * n_valid))
-    candidates = torch.nonzero(clip_cov_candidates(logp, old_logp, adv_tok, mask, cfg, clip).flatten()).flatten()
+    candidates = torch.nonzero(candidates.flatten()).flatten()
     if candidates.numel() == 0:
         return selected
     rng_device = generator.device if generator is not None else torch.device("cpu")
@@ -116,26 +109,17 @@ def clip_cov_loss(
     mask = batch.mask
     adv = batch.token_advantages()
     candidates = clip_cov_candidates(batch.logp, batch.old_logp, adv, mask, cfg, clip)
-    detached = clip_cov_select(batch.logp, batch.old_logp, adv, mask, cfg, clip, generator)
+    detached = clip_cov_select(candidates, mask, cfg, generator)
     logp = torch.where(detached, batch.logp.detach(), batch.logp)
 
     per_token, stats = clipped_surrogate(logp, batch.old_logp, adv, mask, clip.clip_low, clip.clip_high, clip.dual_clip or 0.0)
-    pg = token_mean(per_token, mask)
-    kl_penalty, kl_terms = reference_kl(batch, clip.kl_coef)
-    loss = pg + kl_penalty
-    terms = {
-        "loss": loss,
-        "pg": pg,
-        "clip_cov_candidates": candidates.sum(),
-        "clip_cov_detached": detached.sum(),
-        "clip_cov_frac": masked_mean(detached.float(), mask),
-        "cov_mean": masked_mean(token_covariance(batch.logp, adv, mask), mask),
-        "kl_penalty": kl_penalty,
-        **kl_terms,
-        **stats,
-        "tokens": mask.sum(),
-    }
-    return LossOutput(loss=loss, terms=to_floats(terms))
+    return surrogate_loss(
+        batch, per_token, stats, clip.kl_coef,
+        clip_cov_candidates=candidates.sum(),
+        clip_cov_detached=detached.sum(),
+        clip_cov_frac=masked_mean(detached.float(), mask),
+        cov_mean=masked_mean(token_covariance(batch.logp, adv, mask), mask),
+    )
 
 
 register_objective(

@@ -10,6 +10,8 @@ References: Shao et al. 2024 (DeepSeekMath, arXiv:2402.03300); Liu et al. 2025 (
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import Tensor
 
@@ -26,7 +28,7 @@ from latentx.objectives.base import (
     valid_only,
 )
 
-__all__ = ["group_advantages", "clipped_surrogate", "reference_kl", "grpo_loss"]
+__all__ = ["group_advantages", "clipped_surrogate", "reference_kl", "surrogate_loss", "grpo_loss"]
 
 
 def group_advantages(
@@ -156,29 +158,35 @@ def reference_kl(batch: PolicyBatch, kl_coef: float, field: str = "grpo.kl_coef"
     return penalty, {"kl": kl.detach()}
 
 
+def surrogate_loss(
+    batch: PolicyBatch, per_token: Tensor, stats: Mapping[str, Tensor], kl_coef: float, **method_terms: Tensor
+) -> LossOutput:
+    """``L = token_mean(per_token) + β_KL · token_mean k3`` as a :class:`LossOutput`: GRPO's loss, and that of
+    every method that only edits GRPO's per-token surrogate (KL-Cov, Clip-Cov).
+
+    ``terms``: ``loss``, ``pg``, the method's own ``method_terms``, ``kl_penalty`` (β_KL·k3), ``kl`` (if a
+    reference is given), the surrogate's ``stats`` (:func:`clipped_surrogate`) and ``tokens``.
+    """
+    pg = token_mean(per_token, batch.mask)
+    kl_penalty, kl_terms = reference_kl(batch, kl_coef)
+    loss = pg + kl_penalty
+    terms = {"loss": loss, "pg": pg, **method_terms, "kl_penalty": kl_penalty, **kl_terms, **stats,
+             "tokens": batch.mask.sum()}
+    return LossOutput(loss=loss, terms=to_floats(terms))
+
+
 def grpo_loss(batch: PolicyBatch, cfg: GRPOConfig) -> LossOutput:
     """GRPO loss (METHODS.md §3 "grpo"): ``L = L_pg + β_KL · token_mean k3``.
 
-    ``terms``: ``loss``, ``pg``, ``kl_penalty`` (β_KL·k3), ``kl`` (if a reference is given), ``clip_frac``,
-    ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``approx_kl``, ``adv_mean``, ``tokens``.
+    ``terms``: ``loss``, ``pg``, ``adv_mean``, ``kl_penalty`` (β_KL·k3), ``kl`` (if a reference is given),
+    ``clip_frac``, ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``approx_kl``, ``tokens``.
     """
     per_token, stats = clipped_surrogate(
         batch.logp, batch.old_logp, batch.token_advantages(), batch.mask, cfg.clip_low, cfg.clip_high,
         dual_clip=cfg.dual_clip or 0.0,
     )
-    pg = token_mean(per_token, batch.mask)
-    kl_penalty, kl_terms = reference_kl(batch, cfg.kl_coef)
-    loss = pg + kl_penalty
-    terms = {
-        "loss": loss,
-        "pg": pg,
-        "kl_penalty": kl_penalty,
-        **kl_terms,
-        **stats,
-        "adv_mean": masked_mean(batch.token_advantages(), batch.mask),
-        "tokens": batch.mask.sum(),
-    }
-    return LossOutput(loss=loss, terms=to_floats(terms))
+    adv_mean = masked_mean(batch.token_advantages(), batch.mask)
+    return surrogate_loss(batch, per_token, stats, cfg.kl_coef, adv_mean=adv_mean)
 
 
 register_objective(

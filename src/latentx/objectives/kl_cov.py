@@ -30,11 +30,9 @@ from latentx.objectives.base import (
     _check_range,
     masked_log_ratio,
     masked_mean,
-    to_floats,
-    token_mean,
     valid_only,
 )
-from latentx.objectives.grpo import clipped_surrogate, reference_kl
+from latentx.objectives.grpo import clipped_surrogate, surrogate_loss
 
 __all__ = ["KLCovConfig", "token_covariance", "kl_cov_select", "kl_cov_loss"]
 
@@ -104,23 +102,14 @@ def kl_cov_loss(batch: PolicyBatch, cfg: KLCovConfig, clip: GRPOConfig) -> LossO
     per_token = torch.where(selected, penalised, others)
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
 
-    pg = token_mean(per_token, mask)
-    kl_penalty, kl_terms = reference_kl(batch, clip.kl_coef)
-    loss = pg + kl_penalty
     cov = token_covariance(batch.logp, adv, mask)
-    terms = {
-        "loss": loss,
-        "pg": pg,
-        "kl_cov_selected": selected.sum(),
-        "kl_cov_abs_kl": masked_mean(log_ratio.detach().abs(), selected),
-        "cov_mean": masked_mean(cov, mask),
-        "cov_max": cov[mask].max() if bool(mask.any()) else torch.zeros((), device=cov.device),
-        "kl_penalty": kl_penalty,
-        **kl_terms,
-        **stats,
-        "tokens": mask.sum(),
-    }
-    return LossOutput(loss=loss, terms=to_floats(terms))
+    return surrogate_loss(
+        batch, per_token, stats, clip.kl_coef,
+        kl_cov_selected=selected.sum(),
+        kl_cov_abs_kl=masked_mean(log_ratio.detach().abs(), selected),
+        cov_mean=masked_mean(cov, mask),
+        cov_max=cov[mask].max() if bool(mask.any()) else torch.zeros((), device=cov.device),
+    )
 
 
 register_objective(

@@ -77,6 +77,7 @@ __all__ = [
     "VerlConfig",
     "VerlBehaviour",
     "VerlBaselines",
+    "VerlInputs",
     "VerlStep",
     "verl_shape",
     "verl_effective_coef",
@@ -277,6 +278,33 @@ class VerlBaselines:
     pending_era: float = 0.0
 
 
+@dataclass(frozen=True)
+class VerlInputs:
+    """One step's per-response inputs to the shaping (:func:`verl_shape`, :func:`verl_step`,
+    :meth:`VerlShaper.shape`): every adapter builds one.
+
+    Attributes:
+        advantages: ``[B]`` GRPO advantages Â of the raw rewards.
+        er, erv, era: ``[B]`` effective rank and its velocity / acceleration of each response
+            (:func:`latentx.dynamics.rank_dynamics`).
+        rewards: ``[B]`` raw rewards; needed with ``aux_in_reward``, ``dtype="bfloat16"`` or performance
+            scaling.
+        group: ``[B]`` integer prompt groups; needed with ``aux_in_reward``: Â is recomputed from r + aux by
+            GRPO (:func:`latentx.objectives.group_advantages`) with ``advantage_eps`` / ``advantage_std``
+            (Dr. GRPO: False), the estimator that made ``advantages``.  With ``dtype="bfloat16"`` that GRPO
+            runs in bfloat16 as the release ran it (:func:`_grpo_bf16`).
+    """
+
+    advantages: Tensor
+    er: Tensor
+    erv: Tensor
+    era: Tensor
+    rewards: Tensor | None = None
+    group: Tensor | None = None
+    advantage_eps: float = 1e-6
+    advantage_std: bool = True
+
+
 def _f32(x: Tensor, name: str, batch: int | None = None) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 1:
         raise ValueError(f"{name} must be a 1-D [B] tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -348,31 +376,14 @@ def _grpo_bf16(scores: Tensor, group: Tensor, eps: float, std_normalize: bool) -
     return torch.where(count[index] > 1, out, torch.zeros_like(out))
 
 
-def verl_shape(
-    advantages: Tensor,
-    er: Tensor,
-    erv: Tensor,
-    era: Tensor,
-    baselines: VerlBaselines,
-    cfg: VerlConfig,
-    rewards: Tensor | None = None,
-    group: Tensor | None = None,
-    advantage_eps: float = 1e-6,
-    advantage_std: bool = True,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def verl_shape(inputs: VerlInputs, baselines: VerlBaselines, cfg: VerlConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Response-level shaped advantages Â' (METHODS.md §3 "verl", §3b), a pure function of its inputs.
 
     Args:
-        advantages: ``[B]`` GRPO advantages Â of the raw rewards.
-        er, erv, era: ``[B]`` effective rank and its velocity / acceleration of each response.
+        inputs: the step's Â, ER / ERV / ERA, and (as the options need them) rewards, prompt groups and the
+            GRPO estimator (:class:`VerlInputs`; performance scaling's rewards are the caller's concern).
         baselines: the EMA state *before* this step (``steps == 0``: no signal yet).
         cfg: the options.
-        rewards: ``[B]`` raw rewards; needed with ``aux_in_reward``, ``dtype="bfloat16"`` or
-            performance scaling (the caller's concern).
-        group: ``[B]`` integer prompt groups; needed with ``aux_in_reward``: Â is recomputed from r + aux
-            by GRPO (:func:`latentx.objectives.group_advantages`) with the caller's ``advantage_eps`` /
-            ``advantage_std`` (Dr. GRPO: False), so that it is the estimator that made ``advantages``.
-            With ``dtype="bfloat16"`` that GRPO runs in bfloat16 as the release ran it (:func:`_grpo_bf16`).
 
     Returns:
         ``(shaped [B] float32, info)``.  info holds ``[B]`` float32 tensors ``advantages`` (the Â every
@@ -381,10 +392,11 @@ def verl_shape(
         ``shaped_rewards``, and scalars ``coef`` and ``active`` (1 when a signal was applied).
     """
     b = cfg.behaviour
-    adv = _f32(advantages, "advantages")
+    adv = _f32(inputs.advantages, "advantages")
     B = adv.shape[0]
-    er, erv, era = (_f32(x, name, B).to(adv.device) for x, name in ((er, "er"), (erv, "erv"), (era, "era")))
-    r = None if rewards is None else _f32(rewards, "rewards", B).to(adv.device)
+    er, erv, era = (_f32(getattr(inputs, name), name, B).to(adv.device) for name in ("er", "erv", "era"))
+    r = None if inputs.rewards is None else _f32(inputs.rewards, "rewards", B).to(adv.device)
+    group = inputs.group
     zeros = torch.zeros_like(adv)
     if b.inert or baselines.steps == 0:
         # Inert: the advantages pass through untouched, bit for bit.  First step: no baseline yet, so no
@@ -411,9 +423,11 @@ def verl_shape(
         aux_bonus = aux
     if b.aux_in_reward:
         if b.bf16:
-            base = _grpo_bf16(shaped_rewards, group.to(adv.device), advantage_eps, advantage_std)
+            base = _grpo_bf16(shaped_rewards, group.to(adv.device), inputs.advantage_eps, inputs.advantage_std)
         else:
-            base = group_advantages(shaped_rewards, group.to(adv.device), eps=advantage_eps, std_normalize=advantage_std)
+            base = group_advantages(
+                shaped_rewards, group.to(adv.device), eps=inputs.advantage_eps, std_normalize=inputs.advantage_std
+            )
     else:
         base = adv
     if b.bf16:
@@ -507,24 +521,13 @@ class VerlStep:
     baselines: VerlBaselines
 
 
-def verl_step(
-    advantages: Tensor,
-    er: Tensor,
-    erv: Tensor,
-    era: Tensor,
-    baselines: VerlBaselines,
-    cfg: VerlConfig,
-    rewards: Tensor | None = None,
-    group: Tensor | None = None,
-    advantage_eps: float = 1e-6,
-    advantage_std: bool = True,
-) -> VerlStep:
+def verl_step(inputs: VerlInputs, baselines: VerlBaselines, cfg: VerlConfig) -> VerlStep:
     """Shape with the baselines of the previous steps (:func:`verl_shape`), then update them with this
     batch (:func:`verl_update_baselines`), so a step never sees its own statistics.  Pure."""
-    if cfg.performance_scaling and rewards is None:
+    if cfg.performance_scaling and inputs.rewards is None:
         raise ValueError("verl.performance_scaling needs the step's rewards (pass rewards=...)")
-    shaped, parts = verl_shape(advantages, er, erv, era, baselines, cfg, rewards, group, advantage_eps, advantage_std)
-    new = verl_update_baselines(baselines, er, erv, era, cfg, rewards)
+    shaped, parts = verl_shape(inputs, baselines, cfg)
+    new = verl_update_baselines(baselines, inputs.er, inputs.erv, inputs.era, cfg, inputs.rewards)
     return VerlStep(advantages=parts["advantages"], shaped=shaped, parts=parts, baselines=new)
 
 
@@ -612,45 +615,24 @@ class VerlShaper:
             log(note)
         return note
 
-    def step(
-        self,
-        advantages: Tensor,
-        er: Tensor,
-        erv: Tensor,
-        era: Tensor,
-        rewards: Tensor | None = None,
-        group: Tensor | None = None,
-        advantage_eps: float = 1e-6,
-        advantage_std: bool = True,
-    ) -> tuple[VerlStep, dict[str, float]]:
+    def step(self, inputs: VerlInputs) -> tuple[VerlStep, dict[str, float]]:
         """Response-level: :func:`verl_step` on the held baselines (which advance), with its diagnostics."""
         self.announce()
         used = self.baselines
-        out = verl_step(advantages, er, erv, era, used, self.cfg, rewards, group, advantage_eps, advantage_std)
+        out = verl_step(inputs, used, self.cfg)
         self.baselines = out.baselines
         return out, verl_step_info(out, used)
 
-    def shape(
-        self,
-        advantages: Tensor,
-        er: Tensor,
-        erv: Tensor,
-        era: Tensor,
-        mask: Tensor,
-        rewards: Tensor | None = None,
-        group: Tensor | None = None,
-        advantage_eps: float = 1e-6,
-        advantage_std: bool = True,
-    ) -> tuple[Tensor, dict[str, float]]:
+    def shape(self, inputs: VerlInputs, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Shape one step's advantages; returns ``(token_advantages [B, T] float32, info)``.
 
         ``info`` (python floats): ``verl_first_step``, ``verl_active``, ``verl_coef``, ``verl_bonus_mean``,
         ``verl_bonus_frac`` (responses whose advantage got a bonus), ``verl_tau_mean``, ``verl_aux_mean``,
         ``verl_rel_er_mean``, ``verl_rel_erv_mean``, ``verl_rel_era_mean``, the baselines used
-        (``verl_m_er`` ...) and ``verl_reward_ema``.  ``group`` (and the GRPO estimator's
+        (``verl_m_er`` ...) and ``verl_reward_ema``.  ``inputs.group`` (and the GRPO estimator's
         ``advantage_eps`` / ``advantage_std``) is needed with ``aux_in_reward``.
         """
-        out, info = self.step(advantages, er, erv, era, rewards, group, advantage_eps, advantage_std)
+        out, info = self.step(inputs)
         token_adv = verl_token_advantages(out.advantages, out.shaped, mask, self.cfg.behaviour.apply_to)
         return token_adv, info
 
@@ -685,10 +667,11 @@ def _verl_shape_hook(
     if missing:
         raise ValueError(f"the 'verl' objective needs the rank signals {missing} (signal 'rank')")
     grpo = grpo if grpo is not None else GRPOConfig()
-    return shaper.shape(
-        advantages, signals["er"], signals["erv"], signals["era"], mask, rewards, group,
+    inputs = VerlInputs(
+        advantages, signals["er"], signals["erv"], signals["era"], rewards, group,
         advantage_eps=grpo.advantage_eps, advantage_std=grpo.advantage_std,
     )
+    return shaper.shape(inputs, mask)
 
 
 register_objective(

@@ -8,6 +8,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from latentx.config import to_dict
+from latentx.plots import moving_average
 from latentx.study.config import EVAL_FILE, SIGNALS
 from latentx.study.evaluation import metric_value
 
@@ -35,16 +36,6 @@ def _interval_dict(values: list[float], level: float) -> dict[str, float]:
 
     ci = t_interval(values, level)
     return {"mean": ci.mean, "low": ci.low, "high": ci.high, "std": ci.std, "n": ci.n}
-
-
-def _smooth(values: list[float], width: int) -> list[float]:
-    out, window = [], []
-    for v in values:
-        window.append(v)
-        if len(window) > width:
-            window.pop(0)
-        out.append(sum(window) / len(window))
-    return out
 
 
 def load_records(jobs: dict[tuple[str, int], "Any"], n: int) -> dict[str, dict[int, dict[str, Any]]]:
@@ -122,7 +113,7 @@ def aggregate(base: "TrainConfig", study: "StudyConfig", per_run: dict[str, dict
             if all(f"{key}_series" in runs[s] for s in seeds):
                 entry[f"{key}_final"] = _interval_dict([runs[s][f"{key}_final"] for s in seeds], level)
                 length = min(len(runs[s][f"{key}_series"]) for s in seeds)
-                series = np.array([_smooth(runs[s][f"{key}_series"][:length], width) for s in seeds])
+                series = np.array([moving_average(runs[s][f"{key}_series"][:length], width) for s in seeds])
                 band = [_interval_dict(col.tolist(), level) for col in series.T]
                 entry[f"{key}_trajectory"] = {k: [b[k] for b in band] for k in ("mean", "low", "high")}
         entry["signal_steps"] = _interval_dict([runs[s]["signal_steps"] for s in seeds], level)

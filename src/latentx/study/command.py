@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from latentx.config import ConfigError, from_dict, to_dict
+from latentx.config import ConfigError, from_dict, parse_int_list, to_dict
 from latentx.study.config import StudyConfig, StudyError, load_study_config, preset_path
 from latentx.study.runner import run_study
 
@@ -15,12 +15,7 @@ from latentx.study.runner import run_study
 
 def _parse_seeds(text: str, option: str) -> str:
     """``"5"`` -> ``"5"`` (a count), ``"0,1,2"`` -> ``"[0, 1, 2]"`` (a list), as YAML for an override."""
-    try:
-        items = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} must be a count (5) or a comma list of integers (0,1,2); got {text!r}") from None
-    if not items:
-        raise ConfigError(f"{option} is empty")
+    items = parse_int_list(text, option, expected="a count (5) or a comma list of integers (0,1,2)")
     return str(items[0]) if "," not in text else str(items)
 
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from latentx.checkpoint import run_differences
 from latentx.config import atomic_write_text, to_dict
 from latentx.study.config import EVAL_FILE, StudyError
 from latentx.study.evaluation import evaluate_policy, evaluate_run
@@ -82,26 +81,13 @@ def _execute(job: Job) -> dict[str, Any]:
 
 
 def _check_same_config(job: Job) -> None:
-    """Refuse to resume a run directory that was made with different settings (its location aside)."""
-    path = job.run_dir / "config.yaml"
-    if not path.is_file():
-        return
-    old, new = yaml.safe_load(path.read_text()) or {}, to_dict(job.cfg)
-    old.pop("out", None), new.pop("out", None)  # a study directory may be moved or renamed
-    if old != new:
-        field_name = _first_difference(old, new)
+    """Refuse to resume a run directory that was made with different settings (its location aside: a study
+    directory may be moved or renamed, so only ``out`` may differ)."""
+    shown = run_differences(job.run_dir, to_dict(job.cfg), allowed=("out",))
+    if shown is not None:
         raise StudyError(
-            f"{job.run_dir} was made with a different config ({field_name}); "
-            "use another --out or delete that run directory"
+            f"{job.run_dir} was made with a different config ({shown}); use another --out or delete that run directory"
         )
-
-
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(new) + [k for k in old if k not in new]:
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-    return f"{prefix or 'config'}: {old!r} then, {new!r} now"
 
 
 def available_cores() -> int:

@@ -27,10 +27,12 @@ from typing import Any, Union
 from trl import GRPOConfig as TRLGRPOConfig
 
 from latentx.objectives import EntropyBonusConfig, KLCovConfig, RelaxConfig, VerlConfig
+from latentx.objectives.base import adapter_objective
 
 __all__ = ["LatentGRPOConfig", "LATENT_OBJECTIVES", "FLATTENED_SECTIONS", "KL_COV_LOSS_TYPES"]
 
-#: The objectives the TRL adapter runs (METHODS.md section 3).
+#: The registered objectives (:data:`latentx.objectives.REGISTRY`) the TRL adapter has code paths for
+#: (METHODS.md section 3); any other registered objective is refused with an error that says so.
 LATENT_OBJECTIVES = ("grpo", "relax", "verl", "entropy_bonus", "kl_cov")
 
 #: Method configs whose fields are flattened into ``LatentGRPOConfig`` as ``<section>_<field>``.
@@ -135,10 +137,7 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
         fraction = self.latent_monitor_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ValueError(f"latent_monitor_fraction must be a number in (0, 1], got {fraction!r}")
-        if self.latent_objective not in LATENT_OBJECTIVES:
-            raise ValueError(
-                f"latent_objective must be one of {', '.join(map(repr, LATENT_OBJECTIVES))}, got {self.latent_objective!r}"
-            )
+        adapter_objective(self.latent_objective, "the TRL adapter", LATENT_OBJECTIVES, field="latent_objective")
         if self.latent_objective == "entropy_bonus" and self.entropy_coef == 0.0 and not self.use_adaptive_entropy:
             self.entropy_coef = EntropyBonusConfig().coef
         super().__post_init__()

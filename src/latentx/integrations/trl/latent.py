@@ -26,6 +26,7 @@ from latentx.objectives import (
     RelaxConfig,
     VerlBaselines,
     VerlConfig,
+    VerlInputs,
     grpo_loss,
     kl_cov_loss,
 )
@@ -124,10 +125,10 @@ def verl_rollout_step(
         if num_generations is None or reward_all is None:
             raise ValueError("verl.aux_in_reward needs the gathered rewards and num_generations")
         group = torch.arange(adv_all.shape[0], device=adv_all.device) // num_generations
-    out = verl_step(
-        adv_all, er_all, erv_all, era_all, baselines, cfg, reward_all, group,
-        advantage_eps=1e-4, advantage_std=scale_rewards != "none",
+    inputs = VerlInputs(
+        adv_all, er_all, erv_all, era_all, reward_all, group, advantage_eps=1e-4, advantage_std=scale_rewards != "none"
     )
+    out = verl_step(inputs, baselines, cfg)
     base, shaped = out.advantages, out.shaped
     if unscorable is not None and bool(unscorable.any()) and not b.inert:
         base, shaped = (torch.where(unscorable, torch.zeros_like(x), x) for x in (base, shaped))

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from latentx.integrations.verl.loss import group_ids
 from latentx.integrations.verl.signals import padded_field, per_response_values, response_layout
-from latentx.objectives import VerlShaper
+from latentx.objectives import VerlInputs, VerlShaper
 from latentx.objectives.base import per_response_mean, valid_only
 
 __all__ = ["SHAPING_FIELDS", "GROUP_FIELD", "shaping_fields", "shape_advantages"]
@@ -69,10 +69,11 @@ def shape_advantages(
         uids = data[GROUP_FIELD]
         uids = uids if isinstance(uids, Tensor) or not hasattr(uids, "tolist") else uids.tolist()
         group = group_ids(uids, mask.device)[rows]
-    shaped_rows, info = shaper.shape(
-        adv[rows], er[rows].to(adv.device), erv[rows].to(adv.device), era[rows].to(adv.device), mask[rows],
+    inputs = VerlInputs(
+        adv[rows], er[rows].to(adv.device), erv[rows].to(adv.device), era[rows].to(adv.device),
         rewards=rewards[rows] if needs_rewards else None, group=group, advantage_std=norm_adv_by_std,
     )
+    shaped_rows, info = shaper.shape(inputs, mask[rows])
     out = valid_only(adv_tok, mask)
     if not b.inert:  # inert (the release): verl's advantages go back exactly as they came
         out[rows] = shaped_rows.to(out.dtype)

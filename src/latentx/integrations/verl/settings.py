@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from latentx.objectives import RelaxConfig, VerlConfig
+from latentx.objectives.base import adapter_objective
 
 __all__ = ["OBJECTIVES", "LatentxSettings", "parse_settings", "settings_to_dict"]
 
-#: Objectives the verl plugin runs. ``grpo`` leaves verl untouched (the plugin is inert).
+#: The registered objectives (:data:`latentx.objectives.REGISTRY`) the verl plugin has code paths for;
+#: any other registered objective is refused with an error that says so.  ``grpo`` leaves verl untouched
+#: (the plugin is inert).
 OBJECTIVES = ("grpo", "relax", "verl")
 
 #: Options that only the verl plugin has (not part of RelaxConfig).
@@ -56,8 +59,7 @@ class LatentxSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.monitor, bool):
             raise ValueError(f"latentx.monitor must be true or false, got {self.monitor!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"latentx.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        adapter_objective(self.objective, "the verl plugin", OBJECTIVES, field="latentx.objective")
         if self.relax.refit_every != 0:
             raise ValueError(
                 "latentx.relax.refit_every must be 0 with the verl plugin (the dictionary is fitted once, on the "
