@@ -39,7 +39,7 @@ from latentx.objectives.base import GRPOConfig, PolicyBatch, per_response_mean
 from latentx.objectives.clip_cov import ClipCovConfig
 from latentx.objectives.entropy_bonus import EntropyBonusConfig
 from latentx.objectives.kl_cov import KLCovConfig
-from latentx.objectives.relax import BatchTotals, RelaxConfig, apply_train_preset, dsd_quantiles, kl_set_members
+from latentx.objectives.relax import BatchTotals, RelaxConfig, apply_train_preset
 from latentx.diagnostics import DiagnosticsConfig, KLSetMonitor, TermGradients
 from latentx.objectives.verl import VerlConfig
 from latentx.reporting import LoggingConfig
@@ -259,7 +259,7 @@ class Trainer:
         # empty).  A GRPO KL (grpo.kl_coef > 0) needs it on every token of every step: loaded now.
         self.reference = None
         self._reference_dir: Path | None = None
-        self._full_reference = cfg.grpo.kl_coef > 0 or cfg.objective != "relax"
+        self._full_reference = cfg.grpo.kl_coef > 0 or not self.objective.selects_reference_rows
         if self._wants_reference():
             ref_dir = self.run_dir / "reference"
             if not (self.checkpoint is not None and ref_dir.is_dir()):
@@ -269,7 +269,7 @@ class Trainer:
             if self._full_reference:
                 self._load_reference()
         rc = cfg.relax
-        self.kl_set_monitor = KLSetMonitor(rc.beta, float(rc.xi), rc.xi_mode, str(rc.spectrum), enabled=cfg.objective == "relax")
+        self.kl_set_monitor = KLSetMonitor(rc.beta, float(rc.xi), rc.xi_mode, str(rc.spectrum), enabled=self.objective.selects_reference_rows)
 
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
@@ -480,17 +480,15 @@ class Trainer:
         membership equals what the update forward's DSD would give; with more passes I stays the one
         decided here for every pass (the DSD with gradient changes between passes, I does not).
         """
-        if self.cfg.objective != "relax" or "dsd" not in ro.signals:
-            return {}
-        rc = self.cfg.relax
-        dsd = ro.signals["dsd"]
         adv_resp = adv if adv.dim() == 1 else per_response_mean(adv, ro.seqs.response_mask)
-        in_set, xi_used = kl_set_members(adv_resp, dsd, rc)
+        selected = self.objective.reference_rows(adv_resp, ro.signals)
+        if selected is None:
+            return {}
+        in_set, info = selected
         ro.in_set = in_set
         size = int(in_set.sum())
-        info: dict[str, float] = {"kl_set_size": float(size), "xi_used": xi_used, **dsd_quantiles(dsd)}
         t0 = time.perf_counter()
-        if rc.beta > 0 and size > 0 and ro.ref_logp is None and self._reference_dir is not None:
+        if "ref" in self.objective.needs and size > 0 and ro.ref_logp is None and self._reference_dir is not None:
             reference = self._load_reference()
             seqs = ro.seqs
             n, T = seqs.response_mask.shape
@@ -510,7 +508,7 @@ class Trainer:
             info["reference_rows"] = 0.0
         else:
             info["reference_rows"] = float(len(ro.rewards) if self._full_reference else size)
-        warning = self.kl_set_monitor.observe(size, dsd)
+        warning = self.kl_set_monitor.observe(size, ro.signals.get("dsd"))
         if warning:
             self.log(warning)
         return info

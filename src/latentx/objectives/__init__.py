@@ -215,6 +215,17 @@ class Objective:
         return None if hook is None else hook(self.config, advantages, lengths, totals)
 
     @property
+    def selects_reference_rows(self) -> bool:
+        """Whether the reference forward runs only on rows chosen per batch (:meth:`reference_rows`)."""
+        return self.spec.reference_rows is not None
+
+    def reference_rows(self, advantages: Tensor, signals: Mapping[str, Tensor]) -> "tuple[Tensor, dict[str, float]] | None":
+        """``([B] bool, info)``: the responses whose reference log-probs the loss reads (None: no hook, or
+        the signals it needs are missing).  See :class:`ObjectiveSpec`."""
+        hook = self.spec.reference_rows
+        return None if hook is None else hook(self.config, advantages, signals)
+
+    @property
     def shapes_advantages(self) -> bool:
         """Whether the method has an advantage hook (call :meth:`shape` once per rollout batch)."""
         return self.spec.shape_advantages is not None

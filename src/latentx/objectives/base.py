@@ -403,6 +403,10 @@ class ObjectiveSpec:
             totals) -> [B] bool``, the responses whose DSD the loss differentiates; the trainer computes DSD
             with a gradient on those rows only and reuses the rollout forward's (no-grad) DSD for the others
             (their value must not change the loss).  None = every row.
+        reference_rows: for a method whose reference KL reads only some responses: ``(config, advantages [B],
+            signals: {name: [B]}) -> ([B] bool, info: {name: float})`` or None (signals missing), decided
+            once per rollout batch (ReLaX's KL set I); the trainer then runs the frozen reference forward on
+            those rows only, and not at all when none is selected.  None = every row, every step.
     """
 
     name: str
@@ -417,6 +421,7 @@ class ObjectiveSpec:
     load_state: Callable[[Any, Any], None] | None = None
     state_attribute: str | None = None
     dsd_grad_rows: Callable[..., Tensor] | None = None
+    reference_rows: Callable[..., "tuple[Tensor, dict[str, float]] | None"] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -600,10 +600,21 @@ def relax_dsd_grad_rows(cfg: RelaxConfig, adv: Tensor, lengths: Tensor, totals: 
     return xp_weights(adv, lengths, cfg, length) > 0
 
 
+def relax_reference_rows(cfg: RelaxConfig, adv: Tensor, signals: Mapping[str, Tensor]) -> "tuple[Tensor, dict[str, float]] | None":
+    """ReLaX's KL set I on the rollout DSDs (METHODS.md section 3; :func:`kl_set_members`) and its
+    diagnostics (``kl_set_size``, ``xi_used``, DSD quantiles); None without a ``dsd`` signal."""
+    dsd = signals.get("dsd")
+    if dsd is None:
+        return None
+    in_set, xi_used = kl_set_members(adv, dsd, cfg)
+    return in_set, {"kl_set_size": float(in_set.sum()), "xi_used": xi_used, **dsd_quantiles(dsd)}
+
+
 register_objective(
     name="relax",
     config_class=RelaxConfig,
     needs=_relax_needs,
     dsd_grad_rows=relax_dsd_grad_rows,
+    reference_rows=relax_reference_rows,
     loss=lambda batch, config, grpo, state: relax_loss(batch, config, grpo),
 )
