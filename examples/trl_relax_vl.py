@@ -29,7 +29,7 @@ from trl_relax import TaskArguments, load_task, make_reward  # the text example 
 
 from latentx.integrations.trl import LatentGRPOConfig, LatentGRPOTrainer
 from latentx.models import load_model
-from latentx.vision import open_image, processor_of, save_tokenizer
+from latentx.vision import open_image, processor_of, save_tokenizer, vision_content
 
 
 @dataclass
@@ -58,18 +58,23 @@ def load_policy(script: ScriptArguments, output_dir: str):
     return model, processor
 
 
+def trl_vision_rows(task, instances) -> dict[str, list]:
+    """TRL's multimodal dataset columns: conversational ``prompt`` turns with an image part at each of the
+    problem's ``<image>`` markers (all images first when it has none) and the ``images`` list column that
+    TRL fills them from, in order; any number of images per problem."""
+    prompts, images = [], []
+    for inst in instances:
+        refs = task.images(inst)
+        where = f"problem {inst.id}"
+        prompts.append([{"role": "user", "content": vision_content(inst.prompt, len(refs), where)}])
+        images.append([open_image(ref, where=where) for ref in refs])
+    return {"prompt": prompts, "images": images}
+
+
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, LatentGRPOConfig)).parse_args_into_dataclasses()
     task, instances = load_task(script)
-    # TRL's multimodal path wants conversational prompts and an image column; the text part is the task's
-    # own prompt with its <image> markers removed (the image goes first).
-    dataset = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": inst.prompt.replace("<image>", "")}]}]
-                   for inst in instances],
-        "image": [open_image(task.images(inst)[0], where=f"problem {inst.id}") for inst in instances],
-        "instance_index": list(range(len(instances))),
-    })
+    dataset = Dataset.from_dict(trl_vision_rows(task, instances) | {"instance_index": list(range(len(instances)))})
     model, processor = load_policy(script, args.output_dir)
     trainer = LatentGRPOTrainer(model=model, reward_funcs=make_reward(task, instances), args=args,
                                 train_dataset=dataset, processing_class=processor)

@@ -55,6 +55,7 @@ __all__ = [
     "require_vision",
     "open_image",
     "image_placeholder",
+    "vision_content",
     "format_vision_prompt",
     "TOKEN_FIELDS",
     "encode_images",
@@ -349,6 +350,23 @@ def image_placeholder(processor) -> str:
     return token
 
 
+def vision_content(text: str, n_images: int, where: str = "prompt") -> list[dict]:
+    """One chat turn's content parts for ``text`` with ``n_images`` images: ``{"type": "image"}`` at each
+    ``<image>`` marker (their number must equal ``n_images``), or all images before the text when it has
+    none, and ``{"type": "text", ...}`` for the text between them (the layout of chat templates and TRL)."""
+    markers = text.count(IMAGE_MARKER)
+    if markers and markers != n_images:
+        raise ValueError(f"{where}: the text has {markers} {IMAGE_MARKER} placeholder(s) but {n_images} image(s)")
+    parts = re.split(re.escape(IMAGE_MARKER), text) if markers else [""] * n_images + [text]
+    content: list[dict] = []
+    for i, part in enumerate(parts):
+        if markers and i > 0 or not markers and i < n_images:
+            content.append({"type": "image"})
+        if part:
+            content.append({"type": "text", "text": part})
+    return content
+
+
 def format_vision_prompt(tokenizer, text: str, n_images: int, chat: bool, system: str | None = None,
                          where: str = "prompt") -> str:
     """The prompt text with ``n_images`` image placeholders for ``tokenizer``'s VLM.
@@ -359,22 +377,15 @@ def format_vision_prompt(tokenizer, text: str, n_images: int, chat: bool, system
     """
     processor = require_vision(tokenizer, where)
     markers = text.count(IMAGE_MARKER)
-    if markers and markers != n_images:
-        raise ValueError(f"{where}: the text has {markers} {IMAGE_MARKER} placeholder(s) but {n_images} image(s)")
     if chat:
-        parts = re.split(re.escape(IMAGE_MARKER), text) if markers else [""] * n_images + [text]
-        content: list[dict] = []
-        for i, part in enumerate(parts):
-            if markers and i > 0 or not markers and i < n_images:
-                content.append({"type": "image"})
-            if part:
-                content.append({"type": "text", "text": part})
+        content = vision_content(text, n_images, where)
         messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else [])
         messages.append({"role": "user", "content": content})
         template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
         if getattr(template_owner, "chat_template", None) is None:
             raise ValueError(f"{where}: task.options.chat is true but the model's processor has no chat template")
         return template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    vision_content(text, n_images, where)  # checks the marker count
     placeholder = image_placeholder(processor)
     if markers:
         return text.replace(IMAGE_MARKER, placeholder)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from latentx.dynamics import KoopmanDictionary, rank_dynamics
 from latentx.integrations.trl.capture import capture_completion_states, find_backbone
@@ -101,6 +102,31 @@ _MULTIMODAL_FIELDS = ("pixel_values", "image_grid_thw", "num_images", "pixel_att
                       "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+def select_multimodal_rows(multimodal: dict[str, Any], rows: list[int], batch_size: int) -> dict[str, Any]:
+    """The multimodal fields of the sequences ``rows`` of a rollout batch of ``batch_size`` sequences.
+
+    Per-image tensors (``pixel_values`` patch rows, ``image_grid_thw``, ...) are split into per-sequence
+    pieces by TRL's own ``split_pixel_values_by_grid`` (the split its shuffling uses), the pieces of ``rows``
+    kept and merged back by ``unsplit_pixel_values_by_grid``; per-sequence fields (``num_images``,
+    ``mm_token_type_ids``, ...) are indexed directly.
+    """
+    if not multimodal:
+        return multimodal
+    if multimodal.get("pixel_values") is not None and multimodal.get("num_images") is None:
+        raise ValueError("the latent monitor's row sampling needs the rollout's num_images for a VLM; "
+                         "set latent_monitor_fraction=1")
+    split = split_pixel_values_by_grid(dict(multimodal))
+    picked: dict[str, Any] = {}
+    for key, value in split.items():
+        if isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.dim() > 0):
+            if len(value) != batch_size:
+                raise ValueError(f"multimodal field {key!r} has {len(value)} entries for {batch_size} sequences")
+            picked[key] = value[torch.tensor(rows, device=value.device)] if isinstance(value, Tensor) else [value[i] for i in rows]
+        else:
+            picked[key] = value
+    return unsplit_pixel_values_by_grid(picked)
+
+
 class LatentGRPOTrainer(GRPOTrainer):
     """TRL ``GRPOTrainer`` running the latentx objective chosen by ``args.latent_objective``.
 
@@ -131,8 +157,6 @@ class LatentGRPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         finally:
             args.beta = user_beta
-        if args.latent_monitor and self._is_vlm:
-            raise ValueError("latent_monitor supports text-only causal LMs in the TRL adapter")
         self._capture: _Capture | None = None
         self._gathered_rewards: Tensor | None = None
         self.verl_baselines = VerlBaselines()
@@ -205,9 +229,8 @@ class LatentGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         # A VLM's rollout: the same multimodal fields TRL's loss forward passes (images, grids, 3-D rope ids).
         multimodal = {key: output[key] for key in _MULTIMODAL_FIELDS if output.get(key) is not None}
-        if multimodal and rows is not None:
-            raise ValueError("the latent monitor's row sampling supports text-only models; set latent_monitor_fraction=1")
         if rows is not None:
+            multimodal = select_multimodal_rows(multimodal, rows.tolist(), input_ids.size(0))
             rows = rows.to(input_ids.device)
             input_ids, attention_mask = input_ids[rows], attention_mask[rows]
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
