@@ -651,27 +651,35 @@ def test_shaper_state_survives_checkpoint(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["qwen2.5-math-7b-relax.sh", "smoke-qwen2.5-0.5b.sh"])
+@pytest.mark.parametrize("script", ["qwen2.5-math-7b-relax.sh", "smoke-qwen2.5-0.5b.sh", "qwen2.5-vl-3b-relax.sh"])
 def test_example_overrides_compose(script):
     import re
 
     from latentx.integrations.verl.main import check_config
     from latentx.integrations.verl.trainer import prepare_config
 
-    text = (REPO / "examples" / "verl" / script).read_text()
-    overrides = []
-    for line in text.splitlines():
-        match = re.match(r"^\s+([A-Za-z_][\w.]*)=(\S+?)\s*\\?$", line)
-        if match:
-            key, value = match.groups()
-            value = "placeholder" if "$" in value else value  # shell variables: any plain value composes
-            overrides.append(f"{key}={value.strip(chr(39))}" if key != "trainer.logger" else "trainer.logger=[console]")
+    def script_overrides(name: str) -> list[str]:
+        text = (REPO / "examples" / "verl" / name).read_text()
+        base = re.search(r'^exec bash "\$\(dirname "\$0"\)/([\w.-]+\.sh)"', text, re.M)  # a script run on top of another
+        overrides = script_overrides(base.group(1)) if base else []
+        for line in text.splitlines():
+            match = re.match(r"^\s+([A-Za-z_][\w.]*)=(\S+?)\s*\\?$", line)
+            if match:
+                key, value = match.groups()
+                value = "placeholder" if "$" in value else value  # shell variables: any plain value composes
+                overrides.append(f"{key}={value.strip(chr(39))}" if key != "trainer.logger" else "trainer.logger=[console]")
+        return overrides
+
+    overrides = script_overrides(script)
     assert len(overrides) > 20
     overrides = [o if not o.startswith("latentx.objective=") else "latentx.objective=relax" for o in overrides]
     cfg = compose(overrides)
     check_config(cfg)
     s = prepare_config(cfg)
     assert s.objective == "relax" and s.group_size == cfg.actor_rollout_ref.rollout.n
+    if "vl" in script:  # its overrides come after (and win over) the base script's
+        assert cfg.data.image_key == "images" and cfg.actor_rollout_ref.rollout.n == 8
+        assert cfg.reward.custom_reward_function.path == "pkg://latentx.integrations.verl.data"
 
 
 def test_signals_survive_verls_micro_batch_reordering():

@@ -170,3 +170,50 @@ def test_relax_hook_on_tiny_vl_fits_emits_dsd_and_trains_through_the_vision_towe
     hook.mode = None
     train["latentx_dsd"].sum().backward()
     assert model.model.visual.blocks[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the data writer's rows read by verl's own RLHFDataset, and the reward loaded by verl's own loader
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_verl_reads_the_vl_rows_and_loads_the_latentx_reward(tiny_vl, tmp_path):
+    pytest.importorskip("reasoning_gym", reason="latentx's tasks need reasoning-gym (requirements/verl.txt)")
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from latentx.integrations.verl.data import IMAGE_KEY, REWARD_FUNCTION_PATH, verl_rows, write_parquet
+    from latentx.tasks import get_task
+
+    model, tokenizer = tiny_vl
+    options = {"min_operands": 2, "max_operands": 3, "require_transcription": True}
+    task = get_task("vcountdown", **options)
+    instances = task.eval_instances(4)
+    path = write_parquet(verl_rows(task, "vcountdown", options, instances, "test", system=""), tmp_path / "test.parquet")
+    # verl's length filter and its agent loop resize images with qwen_vl_utils, which imports torchvision (not
+    # loadable against the CPU torch): off here; the processor renders each row's messages below instead.
+    config = OmegaConf.create({"image_key": IMAGE_KEY, "max_prompt_length": 64, "filter_overlong_prompts": False,
+                               "cache_dir": str(tmp_path / "cache")})
+    processor = processor_of(tokenizer)
+    dataset = RLHFDataset(str(path), tokenizer, config, processor=processor)
+    assert len(dataset) == 4
+    reward_fn = get_custom_reward_fn(OmegaConf.create(
+        {"reward": {"custom_reward_function": {"path": REWARD_FUNCTION_PATH, "name": "compute_score"}}}))
+    import random
+
+    rng = random.Random(0)
+    for k, inst in enumerate(instances):
+        row = dataset[k]
+        (turn,) = row["raw_prompt"]
+        image_part, text_part = turn["content"]
+        assert image_part["type"] == "image" and text_part == {"type": "text", "text": inst.prompt}
+        assert image_part["image"].convert("RGB").tobytes() == task.images(inst)[0].tobytes()
+        text = processor.apply_chat_template(row["raw_prompt"], add_generation_prompt=True, tokenize=False)
+        encoded = processor(text=[text], images=[image_part["image"]], return_tensors="pt")
+        assert (encoded["input_ids"] == model.config.image_token_id).sum() == encoded["image_grid_thw"].prod() // 4
+        args = dict(data_source=row["data_source"], ground_truth=row["reward_model"]["ground_truth"],
+                    extra_info=row["extra_info"])
+        right = task.solution(inst, rng)
+        assert reward_fn(solution_str=right, **args) == 1.0
+        assert reward_fn(solution_str=right.split("|")[1], **args) == 0.0  # the transcription is required

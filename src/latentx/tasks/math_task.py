@@ -120,10 +120,16 @@ class MathTask(Task):
         return self.plain_template.replace("{problem}", instance.prompt)
 
     def reward(self, instance: TaskInstance, response: str) -> float:
+        return self.score(response, instance.answer, self.grade_timeout)
+
+    @staticmethod
+    def score(response: str, answer: str, timeout: float = 5.0) -> float:
+        """The reward of ``response`` against the reference ``answer`` alone: 1.0 if the grader accepts it
+        within ``timeout`` seconds, else 0.0 (what every math-family task rewards; also verl's reward)."""
         from latentx.tasks.grading import grade_answer
 
         try:
-            return 1.0 if grade_answer(response, instance.answer, timeout=self.grade_timeout) else 0.0
+            return 1.0 if grade_answer(response, answer, timeout=timeout) else 0.0
         except Exception:  # noqa: BLE001 - a response the grader chokes on is simply wrong
             return 0.0
 
