@@ -590,6 +590,8 @@ def run_evaluation(
         resolve_model_path(model)
     prompt_template = get_template(template)
     loaded = [load_benchmark(spec, limit=limit) for spec in benchmarks]
+    for bench in loaded:
+        _refuse_images(bench)
     names = _unique_names([b.name for b in loaded])
     settings = {name: resolve_settings(b.name, protocol, n, ks, temperature, top_p, max_new_tokens)
                 for name, b in zip(names, loaded)}
@@ -633,6 +635,21 @@ def run_evaluation(
         "grader": {"name": "math-verify", "timeout": timeout},
     }
     return _write_run(Path(out_dir), header, results)
+
+
+def _refuse_images(bench) -> None:
+    """``latentx eval`` renders text prompts only: a benchmark whose problems carry images is a one-line
+    error (graded on its text alone, it would be scored without the pictures)."""
+    from latentx.tasks.vmath import IMAGE_KEYS
+
+    for problem in bench.problems:
+        column = next((key for key in IMAGE_KEYS if problem.meta.get(key)), None)
+        if column is not None:
+            raise ValueError(
+                f"latentx eval: benchmark {bench.name!r} has images (column {column!r}, problem {problem.id}) but "
+                "eval renders text prompts only; use it as the vmath task (latentx train --task vmath --set "
+                f"task.data_path={bench.source or bench.name}, or latentx analyze --task vmath --task-option path=...)"
+            )
 
 
 def _version() -> str:
