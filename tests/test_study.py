@@ -295,3 +295,32 @@ def test_issue14_presets_load():
     assert base.diagnostics.term_grads_every == 10 and base.eval.n == 64
     hard, _ = load_study_config(preset_path("cpu-hard"))
     assert hard.task.options["num_operands"] == 4
+
+
+def test_relax_runs_carry_dsd_against_xi_into_the_summary_and_a_plot(tmp_path):
+    """Issue 14 item 5: DSD with the ξ in use, from the runs' metrics.jsonl rows (ReLaX only)."""
+    import numpy as np
+
+    from latentx.study.aggregate import aggregate, run_record
+    from latentx.study.plots import write_plots
+
+    base, study = load_study_config(None, TINY + ["study.objectives=grpo,relax", "study.seeds=2"])
+    counts = [0, 2, 4, 1]
+    ev = {"correct_counts": counts, "n": 4, "mean@1_greedy": 0.25, "mean@4": 0.4375,
+          "distinct_correct_per_problem": 1.0, "time_s": 0.1}
+    rows = [{"step": t, "reward_mean": 0.1, "dsd_q50": 0.05 + 0.001 * t, "dsd_q90": 0.1, "dsd_max": 0.2,
+             "xi_used": 25.0, "kl_set_size": 0.0} for t in range(1, 6)]
+    record = run_record(ev, rows, 4)
+    assert record["xi_used_series"] == [25.0] * 5 and record["dsd_q50_series"][0] == pytest.approx(0.051)
+    assert "xi_used_series" not in run_record(ev, [{"step": 1, "reward_mean": 0.1}], 4)
+    per_run = {"grpo": {s: _synthetic_record(0.7, 0.3, counts) for s in (0, 1)},
+               "relax": {s: {**_synthetic_record(0.7, 0.3, counts),
+                             **{k: v for k, v in record.items() if k.endswith("_series")}} for s in (0, 1)}}
+    start = {"mean@1_greedy": 0.25, "mean@4": 0.4, "pass@4": 0.55, "distinct_correct_per_problem": 1.0,
+             "correct_counts": counts, "n": 4}
+    results = aggregate(base, study, per_run, start, None)
+    assert "dsd_xi" not in results["summary"]["grpo"]
+    series = results["summary"]["relax"]["dsd_xi"]
+    assert series["xi_used"] == [25.0] * 5 and np.allclose(series["dsd_q50"], [0.05 + 0.001 * t for t in range(1, 6)])
+    written = write_plots(results, tmp_path)
+    assert "dsd_xi.png" in written and (tmp_path / "dsd_xi.png").stat().st_size > 1000

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 GRAD_SHARE_PREFIX = "grad_share/"
 #: ReLaX's KL-set size |I| per step
 KL_SET_KEY = "kl_set_size"
+#: ReLaX's per-step DSD quantiles and the ξ in use (the KL set is {DSD > ξ}): drawn together per objective
+DSD_XI_KEYS = ("dsd_q50", "dsd_q90", "dsd_max", "xi_used")
 
 
 
@@ -79,6 +81,10 @@ def run_record(ev: dict[str, Any], rows: list[dict[str, Any]], n: int) -> dict[s
                 shares.setdefault(key[len(GRAD_SHARE_PREFIX):], []).append(float(value))
     if shares:
         record["grad_share"] = {term: float(np.mean(v)) for term, v in shares.items()}
+    for key in DSD_XI_KEYS:
+        series = [float(r[key]) for r in rows if key in r]
+        if series:
+            record[f"{key}_series"] = series
     sizes = [float(r[KL_SET_KEY]) for r in rows if KL_SET_KEY in r]
     if sizes:
         record["kl_set_size"] = float(np.mean(sizes))
@@ -116,6 +122,10 @@ def aggregate(base: "TrainConfig", study: "StudyConfig", per_run: dict[str, dict
                 series = np.array([moving_average(runs[s][f"{key}_series"][:length], width) for s in seeds])
                 band = [_interval_dict(col.tolist(), level) for col in series.T]
                 entry[f"{key}_trajectory"] = {k: [b[k] for b in band] for k in ("mean", "low", "high")}
+        if all(f"{key}_series" in runs[s] for key in DSD_XI_KEYS for s in seeds):  # ReLaX runs: DSD beside ξ
+            length = min(len(runs[s][f"{key}_series"]) for key in DSD_XI_KEYS for s in seeds)
+            entry["dsd_xi"] = {key: np.mean([runs[s][f"{key}_series"][:length] for s in seeds], axis=0).tolist()
+                               for key in DSD_XI_KEYS}
         entry["signal_steps"] = _interval_dict([runs[s]["signal_steps"] for s in seeds], level)
         # evaluation noise (the n samples per problem) beside the seed-to-seed spread, per Pass@k
         entry["noise"] = {key: {"eval_se": float(np.mean([runs[s]["eval_se"][key] for s in seeds])),

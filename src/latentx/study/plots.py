@@ -118,6 +118,24 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             ax.grid(alpha=0.3)
         save(fig, "tuning.png")
 
+    relax_like = {o: e["dsd_xi"] for o, e in summary.items() if e.get("dsd_xi")}
+    if relax_like:
+        fig, axes = plt.subplots(1, len(relax_like), figsize=(3.9 * len(relax_like), 3.3), squeeze=False)
+        for ax, (objective, series) in zip(axes[0], relax_like.items()):
+            steps = list(range(1, len(series["xi_used"]) + 1))
+            color = _color(objective, order)
+            ax.plot(steps, series["dsd_q50"], color=color, lw=1.4, label="DSD median")
+            ax.plot(steps, series["dsd_q90"], color=color, lw=1.0, alpha=0.7, label="DSD q90")
+            ax.plot(steps, series["dsd_max"], color=color, lw=0.8, alpha=0.45, label="DSD max")
+            ax.plot(steps, series["xi_used"], color="0.2", ls="--", lw=1.2, label="ξ in use")
+            ax.set_yscale("log")
+            ax.set_title(f"{objective}: DSD and ξ (I = DSD > ξ)", fontsize=9)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("ReLaX's KL set: the batch's DSD quantiles against the threshold (mean over seeds)", fontsize=10)
+        save(fig, "dsd_xi.png")
+
     shared = {o: e["grad_share"] for o, e in summary.items() if e.get("grad_share")}
     if shared:
         terms = sorted({t for s in shared.values() for t in s})

@@ -241,7 +241,8 @@ def write_report(results: dict[str, Any], out: Path, plots: dict[str, Path]) -> 
 
     lines += ["", "## Plots", ""]
     captions = {"pass_at_k.png": "Pass@k curves", "signals.png": "Training signals",
-                "final_metrics.png": "Final metrics", "tuning.png": "Tuning grid", "grad_shares.png": "Gradient shares"}
+                "final_metrics.png": "Final metrics", "tuning.png": "Tuning grid", "grad_shares.png": "Gradient shares",
+                "dsd_xi.png": "DSD against the threshold xi"}
     for name in plots:
         lines += [f"![{captions.get(name, name)}](plots/{name})", ""]
     train_time = sum(r["train_time_s"] for runs in results["runs"].values() for r in runs.values())
