@@ -324,3 +324,26 @@ def test_relax_runs_carry_dsd_against_xi_into_the_summary_and_a_plot(tmp_path):
     assert series["xi_used"] == [25.0] * 5 and np.allclose(series["dsd_q50"], [0.05 + 0.001 * t for t in range(1, 6)])
     written = write_plots(results, tmp_path)
     assert "dsd_xi.png" in written and (tmp_path / "dsd_xi.png").stat().st_size > 1000
+
+
+def test_no_tune_lets_objectives_narrow_a_preset(tmp_path, monkeypatch):
+    """`--preset cpu-full --objectives grpo,relax --no-tune`: the preset's grid names objectives that were
+    left out; without --no-tune that is the config error naming the entry, with it the grid is dropped."""
+    import latentx.study.command as command
+
+    seen = {}
+
+    def fake_run(base, study, out, progress=True):
+        seen["study"] = study
+        (out).mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text("report")
+        return {"wall_time_s": 0.0}
+
+    monkeypatch.setattr(command, "run_study", fake_run)
+    runner = CliRunner()
+    args = ["study", "--preset", "cpu-full", "--objectives", "grpo,relax", "--seeds", "2", "--out", str(tmp_path / "s")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "not among the study's objectives" in result.output and not seen
+    result = runner.invoke(app, [*args, "--no-tune"])
+    assert result.exit_code == 0, result.output
+    assert seen["study"].objectives == ["grpo", "relax"] and seen["study"].tune == {}

@@ -44,6 +44,8 @@ def study_command(
             overrides.append(f"study.seeds={_parse_seeds(seeds, '--seeds')}")
         if workers is not None:
             overrides.append(f"study.workers={workers}")
+        if no_tune:  # before validation: a preset's grid may name objectives that --objectives left out
+            overrides.append("study.tune={}")
         if validation_seeds is not None:
             parsed = _parse_seeds(validation_seeds, "--validation-seeds")
             overrides.append(f"study.validation_seeds={parsed if parsed.startswith('[') else f'[{parsed}]'}")
