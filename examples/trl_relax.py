@@ -44,6 +44,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
 from latentx.integrations.trl import LatentGRPOConfig, LatentGRPOTrainer
+from latentx.evaluate import headline_metrics, held_out_evaluation
 from latentx.models import build_tiny_model, prepare_tokenizer
 from latentx.tasks import Task, TaskInstance, get_task
 from latentx.warmstart import WarmStartConfig, warm_start
@@ -67,6 +68,11 @@ class ScriptArguments(TaskArguments):
         default=None,
         metadata={"help": "start from latentx's cached supervised warm start (the one `latentx train` uses); "
                   "default: on for --model tiny, off otherwise."},
+    )
+    eval_instances: int = field(
+        default=0,
+        metadata={"help": "evaluate the policy before and after training on this many held-out problems with "
+                  "`latentx train`'s held-out evaluation (greedy Mean@1, Mean@16 / Pass@k, seed 1234; 0 = off)."},
     )
     monitor_plot: str | None = field(
         default=None, metadata={"help": "write a PNG of the latent/ monitor curves beside reward and entropy here."}
@@ -130,18 +136,31 @@ def make_reward(task: Task, instances: list[TaskInstance]):
     return task_reward
 
 
+def held_out(trainer: LatentGRPOTrainer, task: Task, instances: int, max_new_tokens: int) -> dict:
+    """Held-out greedy Mean@1 and sampled Mean@n / Pass@k of the trainer's policy, scored by the task's verifier:
+    `latentx train`'s end-of-run evaluation (FinalEvalConfig defaults; the training RNG does not move)."""
+    from latentx.trainer import FinalEvalConfig
+
+    ec = FinalEvalConfig(instances=instances)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    result = held_out_evaluation(model, trainer.processing_class, task, ec.instances, ec.n, ec.ks, ec.temperature,
+                                 ec.seed, max_new_tokens)
+    metrics = headline_metrics(result)
+    return {key: metrics[key] for key in ("instances", "mean@1_greedy", f"mean@{ec.n}")}
+
+
 def summarize(trainer: LatentGRPOTrainer) -> dict[str, float]:
     """Mean per-step wall time and latent costs over the logged steps (first step excluded when possible),
-    the reward of the first and last five steps, and the monitor's share of the steps it ran on."""
+    the mean reward of the first and last ten steps, and the monitor's share of the steps it ran on."""
     every = [log for log in trainer.state.log_history if "step_time" in log]
     logs = every[1:] if len(every) > 1 else every
     keys = ["step_time", "reward", "latent/time/extra_forward_s", "latent/time/rollout_signals_s",
             "latent/time/loss_terms_s", "latent/relax/xp", "latent/dsd_mean", "latent/er_mean"]
     out = {key: statistics.fmean(log[key] for log in logs if log.get(key) is not None)
            for key in keys if any(log.get(key) is not None for log in logs)}
-    if len(every) >= 10:
-        out["reward_first5"] = statistics.fmean(log["reward"] for log in every[:5])
-        out["reward_last5"] = statistics.fmean(log["reward"] for log in every[-5:])
+    if len(every) >= 20:  # the training reward's 10-step moving average at the start and at the end
+        out["reward_first10"] = statistics.fmean(log["reward"] for log in every[:10])
+        out["reward_last10"] = statistics.fmean(log["reward"] for log in every[-10:])
     # The monitor's cost on the steps it ran (the dictionary-fit step excluded; it is reported apart).
     monitored = [log for log in logs if "latent/time/monitor_signals_s" in log]
     if monitored:
@@ -201,12 +220,17 @@ def main() -> None:
         train_dataset=build_dataset(task, instances, tokenizer),
         processing_class=tokenizer,
     )
+    evaluate = script.eval_instances > 0 and trainer.accelerator.is_main_process
+    before = held_out(trainer, task, script.eval_instances, args.max_completion_length) if evaluate else None
     trainer.train()
+    after = held_out(trainer, task, script.eval_instances, args.max_completion_length) if evaluate else None
     trainer.save_model(args.output_dir)
     trainer.save_latent_state(args.output_dir)
     if trainer.accelerator.is_main_process:
         summary = {"latent_objective": args.latent_objective, "warm_start_cache_hit": warm_info.get("cache_hit"),
                    **summarize(trainer)}
+        if before is not None:
+            summary["held_out_before"], summary["held_out_after"] = before, after
         print(json.dumps(summary, indent=2))
         Path(args.output_dir, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         if script.monitor_plot:

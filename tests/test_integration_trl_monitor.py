@@ -44,12 +44,15 @@ def run(tiny_dir: Path, out: Path, **options):
 @pytest.mark.parametrize(
     "layout",
     [
-        # TRL runs no old-log-prob forward: the monitor's own no-grad forward on half of the batch.
+        # TRL runs no old-log-prob forward: the monitor reads half of the batch from TRL's loss forward.
         dict(latent_monitor_fraction=0.5),
+        # The same with the generation batch split into 2 shuffled loss micro-batches (one optimizer step).
+        dict(latent_monitor_fraction=0.5, per_device_train_batch_size=4, steps_per_generation=2,
+             gradient_accumulation_steps=2),
         # TRL runs its old-log-prob forward (2 micro-batches per generation): the monitor reads it.
         dict(per_device_train_batch_size=4, steps_per_generation=2, max_steps=4),
     ],
-    ids=["extra_forward", "trl_forward"],
+    ids=["loss_forward", "loss_forward_2_micro", "trl_forward"],
 )
 def test_monitor_leaves_trl_grpo_bit_identical(tiny_dir, tmp_path, layout):
     _, grads_off, params_off, losses_off = run(tiny_dir, tmp_path / "off", **layout)
@@ -65,10 +68,11 @@ def test_monitor_leaves_trl_grpo_bit_identical(tiny_dir, tmp_path, layout):
     assert any(not torch.equal(params_on[n], initial[n]) for n in initial.keys() & params_on.keys())  # it trained
 
     rollouts = [r for r in trainer.latent_records if r["kind"] == "monitor_rollout"]
-    extra = "steps_per_generation" not in layout
-    assert len(rollouts) == 2  # one per generation batch
+    finished = [r for r in trainer.latent_records if r["kind"] == "monitor_finish"]
+    from_loss = "gradient_accumulation_steps" in layout or "steps_per_generation" not in layout
+    assert len(rollouts) == len(finished) == 2  # one per generation batch
     logged = [log for log in trainer.state.log_history if "latent/er_mean" in log]
-    assert logged and all(log["latent/monitor/extra_forward"] == float(extra) for log in logged)
+    assert len(logged) == 2 and all(log["latent/monitor/loss_forward"] == float(from_loss) for log in logged)
 
 
 def _initial(tiny_dir: Path) -> dict[str, torch.Tensor]:
@@ -108,19 +112,24 @@ def expected_stats(name: str, values: np.ndarray, rewards: np.ndarray) -> dict[s
     return out
 
 
-def test_monitor_metrics_equal_latentx_dynamics(tiny_dir, tmp_path):
-    trainer = make_trainer(tiny_dir, tmp_path, latent_objective="grpo", latent_monitor_fraction=0.5, **MONITOR)
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_monitor_metrics_equal_latentx_dynamics(tiny_dir, tmp_path, micro_batches):
+    layout = {} if micro_batches == 1 else dict(
+        per_device_train_batch_size=4, steps_per_generation=2, gradient_accumulation_steps=2
+    )
+    trainer = make_trainer(tiny_dir, tmp_path, latent_objective="grpo", latent_monitor_fraction=0.5, **MONITOR, **layout)
     trainer.train()
     tokenizer = trainer.processing_class
     rollouts = [r for r in trainer.latent_records if r["kind"] == "monitor_rollout"]
-    assert len(rollouts) == 2
+    finished = [r for r in trainer.latent_records if r["kind"] == "monitor_finish"]
+    assert len(rollouts) == len(finished) == 2
     assert rollouts[0]["rows"] is None  # the fit step uses the whole batch
     assert rollouts[1]["rows"] is not None and len(rollouts[1]["rows"]) == 4
     logs = [log for log in trainer.state.log_history if "latent/er_mean" in log]
     assert len(logs) == 2
 
     dictionary = None
-    for rec, log in zip(rollouts, logs):
+    for rec, done, log in zip(rollouts, finished, logs):
         batch, rows = rec["output"], rec["rows"]
         H, mask, entropy = independent_signals(tiny_dir, rec["params"], batch, rows)
         if dictionary is None:  # fitted once, on the first monitored batch, with the relax_* settings
@@ -132,7 +141,7 @@ def test_monitor_metrics_equal_latentx_dynamics(tiny_dir, tmp_path):
         completions = tokenizer.batch_decode(batch["completion_ids"], skip_special_tokens=True)
         picked = rows.tolist() if rows is not None else list(range(len(completions)))
         rewards = np.array(digit_reward([completions[i] for i in picked]), dtype=np.float64)
-        np.testing.assert_allclose(rec["rewards"].numpy(), rewards, atol=1e-6)
+        np.testing.assert_allclose(done["rewards"].numpy(), rewards, atol=1e-6)  # back in rollout order
         signals = {"er": rank.er, "erv": rank.erv, "era": rank.era, "dsd": dsd(H, mask, dictionary), "entropy": entropy}
         for name, values in signals.items():
             values = values.detach().double().numpy()

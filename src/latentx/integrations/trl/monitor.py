@@ -6,15 +6,19 @@ Koopman dictionary with the ``relax_*`` settings, fitted on the first monitored 
 the response's mean token entropy from the same forward, and logs :func:`latentx.monitor.monitor_metrics`
 of the gathered batch under ``latent/``.
 
-Which forward (decided per generation batch by the trainer):
+Which forward (decided per generation batch by the trainer); the monitor never runs a forward of its own:
 
 - TRL's own old-log-prob forward, when TRL runs it (``steps_per_generation * num_iterations`` does not
   divide ``gradient_accumulation_steps``, or vLLM importance sampling), and the forward the ``relax`` /
-  ``verl`` objectives already run: every step, no extra forward;
-- otherwise one extra no-grad forward over ``latent_monitor_fraction`` of the local batch (rows drawn with a
-  private generator, never the global RNG) every ``latent_monitor_every`` optimizer steps; the first
-  monitored batch is used whole, to fit the dictionary.  Its cost is one no-grad forward of that fraction of
-  the batch, logged as ``latent/time/monitor_forward_s``.
+  ``verl`` objectives already run: every step;
+- otherwise (on-policy GRPO: TRL runs no no-grad forward) TRL's loss forward, whose states are computed with
+  the same parameters as the rollout's (TRL skips the old-log-prob forward exactly because no update happens
+  between the rollout and its micro-batches): every ``latent_monitor_every`` optimizer steps, on
+  ``latent_monitor_fraction`` of the local batch (rows drawn with a private generator, never the global
+  RNG; the first monitored batch is used whole, to fit the dictionary).  The rows reach the loss shuffled
+  and split into micro-batches; each carries its rollout row index and reward (``latent_monitor_row``,
+  ``latent_monitor_reward``), and :meth:`RolloutMonitor.finish` puts them back in rollout order once the
+  last micro-batch of the generation batch has been seen.  Cost: the signals of the sampled rows only.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ __all__ = ["MonitorBatch", "RolloutMonitor"]
 
 @dataclass
 class MonitorBatch:
-    """The per-response signals of one monitored generation batch (this process's rows), chunk by chunk."""
+    """The per-response signals of one monitored generation batch (this process's rows), chunk by chunk, in
+    the order the forward saw them (``order``: their local rollout row indices)."""
 
-    rows: Tensor | None  # local row indices the forward ran on (None: every row)
+    rows: Tensor | None  # local rollout rows that are monitored (None: every row)
     fit_now: bool
     er: list[Tensor] = field(default_factory=list)
     erv: list[Tensor] = field(default_factory=list)
@@ -45,6 +50,9 @@ class MonitorBatch:
     dsd: list[Tensor] = field(default_factory=list)
     masks: list[Tensor] = field(default_factory=list)
     kept_H: list[Tensor] = field(default_factory=list)  # fit step only, float32 on the CPU
+    entropy: list[Tensor] = field(default_factory=list)  # per-response mean token entropy
+    rewards: list[Tensor] = field(default_factory=list)
+    order: list[Tensor] = field(default_factory=list)
 
 
 class RolloutMonitor:
@@ -54,8 +62,8 @@ class RolloutMonitor:
         verl: the ``verl_*`` settings (``stride``, ``window`` of the ER series).
         relax: the ``relax_*`` settings (dictionary size, fit and DSD options).
         hidden_size: the policy's hidden size.
-        every: monitor every this many optimizer steps when the monitor runs its own forward.
-        fraction: fraction of the local batch that forward runs on.
+        every: monitor every this many optimizer steps when the states come from TRL's loss forward.
+        fraction: fraction of the local batch monitored then.
         seed: seed of the row sampling (with the step number).
         koopman: a Koopman estimator to share (the ``relax`` objective's); None = the monitor's own.
     """
@@ -77,11 +85,11 @@ class RolloutMonitor:
         self.koopman = koopman
 
     def due(self, global_step: int) -> bool:
-        """Whether the monitor runs its own forward on this step's batch."""
+        """Whether this step's batch is monitored (from TRL's loss forward)."""
         return not self.koopman.fitted_ or global_step % self.every == 0
 
     def sample_rows(self, local_size: int, global_step: int) -> Tensor | None:
-        """Sorted local rows for the monitor's own forward (None = all: fraction 1 or the fit step)."""
+        """Sorted local rows to monitor from the loss forward (None = all: fraction 1 or the fit step)."""
         if not self.koopman.fitted_ or self.fraction >= 1.0:
             return None
         count = min(local_size, max(2, math.ceil(self.fraction * local_size)))
@@ -105,42 +113,50 @@ class RolloutMonitor:
             else:
                 batch.dsd.append(self.koopman.dsd(H, mask).float())
 
-    def finish(
-        self,
-        batch: MonitorBatch,
-        entropies: Tensor | None,
-        rewards: Tensor,
-        accelerator,
-        global_step: int,
-    ) -> dict[str, float]:
-        """Fit the dictionary if this is the first batch, gather, and return the ``latent/`` metrics.
+    def add_outcomes(self, batch: MonitorBatch, entropies: Tensor, mask: Tensor, rewards: Tensor, order: Tensor) -> None:
+        """The rest of the rows just passed to :meth:`on_chunk`: their per-token entropies ``[b, C]`` from the
+        same forward, completion ``mask``, rewards ``[b]`` (NaN = unscorable) and local rollout row indices."""
+        with torch.no_grad():
+            batch.entropy.append(per_response_mean(entropies.detach().float(), mask.to(entropies.device)))
+        batch.rewards.append(rewards.detach().float())
+        batch.order.append(order.detach())
 
-        Args:
-            entropies: ``[b, C]`` per-token entropies of the monitored rows (same forward), or None.
-            rewards: ``[b]`` rewards of the monitored rows (NaN = unscorable).
-        """
+    def finish(self, batch: MonitorBatch, accelerator, global_step: int) -> dict[str, float]:
+        """Put the rows in rollout order, fit the dictionary if this is the first batch, gather, and return the
+        ``latent/`` metrics.  Afterwards each list of ``batch`` holds the one ordered tensor."""
         if not batch.er:
             raise RuntimeError("the latent monitor saw no hidden states in its forward")
-        mask = torch.cat(batch.masks)
+        if len(batch.order) != len(batch.rewards) or sum(o.numel() for o in batch.order) != sum(e.numel() for e in batch.er):
+            raise RuntimeError("the latent monitor's rows, rewards and signals do not line up")
         device = batch.er[0].device
+        perm = torch.argsort(torch.cat(batch.order).to(device), stable=True)
+
+        def ordered(chunks: list[Tensor]) -> list[Tensor]:
+            value = torch.cat(chunks)
+            return [value[perm.to(value.device)]]
+
+        batch.er, batch.erv, batch.era, batch.masks = (ordered(x) for x in (batch.er, batch.erv, batch.era, batch.masks))
+        batch.entropy, batch.rewards, batch.order = (ordered(x) for x in (batch.entropy, batch.rewards, batch.order))
+        mask = batch.masks[0]
         metrics: dict[str, float] = {}
         if batch.fit_now:
-            H = torch.cat(batch.kept_H)
+            H = ordered(batch.kept_H)[0]
             if not self.koopman.fitted_:  # a shared (relax) dictionary may have been fitted on this batch already
                 loss = fit_on_main_process(self.koopman, H, mask.cpu(), global_step, accelerator)
                 if accelerator.is_main_process:
                     metrics["monitor/koopman_fit_loss"] = loss
             batch.dsd = [self.koopman.dsd(H.to(device), mask.to(device)).float()]
             batch.kept_H = []
+        else:
+            batch.dsd = ordered(batch.dsd)
         local = {
-            "er": torch.cat(batch.er), "erv": torch.cat(batch.erv), "era": torch.cat(batch.era),
-            "dsd": torch.cat(batch.dsd).to(device),
+            "er": batch.er[0], "erv": batch.erv[0], "era": batch.era[0], "dsd": batch.dsd[0].to(device),
+            "entropy": batch.entropy[0].to(device),
         }
-        if entropies is not None:
-            local["entropy"] = per_response_mean(entropies.detach().float(), mask.to(entropies.device)).to(device)
         names = list(local)
         stacked = torch.stack([local[name] for name in names], dim=1)
-        gathered = accelerator.gather(torch.cat([stacked, rewards.float().to(device)[:, None]], dim=1).contiguous())
+        rewards = batch.rewards[0].to(device)[:, None]
+        gathered = accelerator.gather(torch.cat([stacked, rewards], dim=1).contiguous())
         values = {name: gathered[:, i] for i, name in enumerate(names)}
         metrics.update(monitor_metrics(values, gathered[:, -1]))
         metrics["monitor/responses"] = float(gathered.shape[0])

@@ -97,6 +97,18 @@ class _Capture:
             self.monitor_seconds += time.perf_counter() - start
 
 
+@dataclass
+class _PendingMonitor:
+    """A monitored generation batch whose states come from TRL's loss forward, micro-batch by micro-batch."""
+
+    batch: MonitorBatch
+    local_size: int
+    seen: int = 0  # local rows of the generation batch seen by loss forwards so far
+    seconds: float = 0.0
+    keep: Tensor | None = None  # the current micro-batch's monitored rows
+    offset: int = 0  # rows of the current micro-batch passed to the hook so far
+
+
 #: The multimodal inputs TRL 1.16's loss forward (``_compute_loss``) passes to the policy, read from the rollout.
 _MULTIMODAL_FIELDS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                       "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -170,6 +182,7 @@ class LatentGRPOTrainer(GRPOTrainer):
             ).requires_grad_(False)
             self.koopman.to(self.accelerator.device)
         self.latent_monitor: RolloutMonitor | None = None
+        self._monitor_pending: _PendingMonitor | None = None
         if args.latent_monitor:
             hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
             self.latent_monitor = RolloutMonitor(
@@ -222,17 +235,13 @@ class LatentGRPOTrainer(GRPOTrainer):
             self.use_vllm and self.vllm_importance_sampling_correction
         )
 
-    def _policy_rollout_forward(self, output: dict[str, Any], rows: Tensor | None = None) -> None:
-        """The extra no-grad policy forward, when TRL ran none (same call, chunking and autocast as TRL's),
-        on every local row or on ``rows`` only (the monitor's sample)."""
+    def _policy_rollout_forward(self, output: dict[str, Any]) -> None:
+        """The extra no-grad policy forward of ``relax`` / ``verl`` when TRL ran none (same call, chunking and
+        autocast as TRL's)."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         # A VLM's rollout: the same multimodal fields TRL's loss forward passes (images, grids, 3-D rope ids).
         multimodal = {key: output[key] for key in _MULTIMODAL_FIELDS if output.get(key) is not None}
-        if rows is not None:
-            multimodal = select_multimodal_rows(multimodal, rows.tolist(), input_ids.size(0))
-            rows = rows.to(input_ids.device)
-            input_ids, attention_mask = input_ids[rows], attention_mask[rows]
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             self._get_per_token_logps_and_entropies(
                 self.model,
@@ -267,7 +276,7 @@ class LatentGRPOTrainer(GRPOTrainer):
             self.state.global_step, self.latent_config.refit_every
         )
         capture = _Capture(keep_states=False, reduce=lambda H, mask: self._reduce_rollout_chunk(H, mask, chunks, fit_now))
-        monitored = self._monitor_capture(capture, rows=None)
+        monitored = self._monitor_capture(capture)
         trl_forward = self._trl_runs_old_logp_forward()
         if trl_forward:
             with self._armed(capture):
@@ -304,67 +313,110 @@ class LatentGRPOTrainer(GRPOTrainer):
             capture.reduce_seconds + time.perf_counter() - start
         )
         if monitored is not None:
-            self._monitor_finish(monitored, capture, output, mode)
+            self._monitor_rollout_rows(monitored, capture, output)
+            self._monitor_finish(monitored, mode, capture.monitor_seconds, output)
         return output
 
     # ------------------------------------------------------------------------------------------
     # the latent monitor (latent_monitor=True): statistics only, the objective is untouched
     # ------------------------------------------------------------------------------------------
 
-    def _monitor_capture(self, capture: _Capture, rows: Tensor | None) -> MonitorBatch | None:
-        """Let ``capture`` also feed the monitor (and keep its forward's entropies); None when it is off."""
+    def _monitor_capture(self, capture: _Capture) -> MonitorBatch | None:
+        """Let ``capture`` also feed the monitor (every row; and keep its forward's entropies); None when off."""
         if self.latent_monitor is None:
             return None
-        batch = self.latent_monitor.begin(rows)
+        batch = self.latent_monitor.begin(None)
         capture.monitor = lambda H, mask: self.latent_monitor.on_chunk(batch, H, mask)
         return batch
 
+    def _monitor_rollout_rows(self, batch: MonitorBatch, capture: _Capture, output: dict[str, Any]) -> None:
+        """Entropies, rewards and row order of a rollout forward that saw every local row, in order."""
+        local_size = output["completion_ids"].size(0)
+        rewards = self._gathered_rewards[local_rows(self.accelerator.process_index, local_size)]
+        mask = torch.cat(batch.masks)
+        self.latent_monitor.add_outcomes(batch, capture.entropies, mask, rewards, torch.arange(local_size, device=mask.device))
+
     def _generate_and_score_monitored(self, inputs):
-        """TRL's rollout with the monitor reading TRL's old-log-prob forward, or its own sampled forward."""
+        """TRL's rollout with the monitor reading TRL's old-log-prob forward, or (on-policy) marking the rows
+        its loss forward will read (:mod:`.monitor`)."""
         mode = "train"
         monitor = self.latent_monitor
         assert monitor is not None
-        capture = _Capture(keep_states=False)
         if self._trl_runs_old_logp_forward():
-            batch = self._monitor_capture(capture, rows=None)
+            capture = _Capture(keep_states=False)
+            batch = self._monitor_capture(capture)
             with self._armed(capture):
                 output = super()._generate_and_score_completions(inputs)
             if not capture.fired:
                 raise RuntimeError("the latent monitor expected TRL's old-log-prob forward, but TRL did not run it")
-            extra = 0.0
-        else:
-            output = super()._generate_and_score_completions(inputs)
-            step = self.state.global_step
-            if not monitor.due(step):
-                return output
-            batch = self._monitor_capture(capture, rows=monitor.sample_rows(output["completion_ids"].size(0), step))
-            start = time.perf_counter()
-            with self._armed(capture):
-                self._policy_rollout_forward(output, rows=batch.rows)
-            self._metrics[mode]["latent/time/monitor_forward_s"].append(
-                time.perf_counter() - start - capture.monitor_seconds
-            )
-            extra = 1.0
-        self._metrics[mode]["latent/monitor/extra_forward"].append(extra)
-        self._monitor_finish(batch, capture, output, mode)
+            self._metrics[mode]["latent/monitor/loss_forward"].append(0.0)
+            self._monitor_rollout_rows(batch, capture, output)
+            self._monitor_finish(batch, mode, capture.monitor_seconds, output)
+            return output
+        output = super()._generate_and_score_completions(inputs)
+        step = self.state.global_step
+        if not monitor.due(step):
+            return output
+        local_size = output["completion_ids"].size(0)
+        device = output["completion_ids"].device
+        rewards = self._gathered_rewards[local_rows(self.accelerator.process_index, local_size)]
+        # Ride along TRL's shuffle and split into micro-batches (one more key of the same shuffle: no RNG moves).
+        output["latent_monitor_row"] = torch.arange(local_size, device=device)
+        output["latent_monitor_reward"] = rewards.float().to(device)
+        batch = monitor.begin(monitor.sample_rows(local_size, step))
+        self._monitor_pending = _PendingMonitor(batch=batch, local_size=local_size)
+        self._metrics[mode]["latent/monitor/loss_forward"].append(1.0)
+        self._record("monitor_rollout", output=output, rows=batch.rows)
         return output
 
-    def _monitor_finish(self, batch: MonitorBatch, capture: _Capture, output: dict[str, Any], mode: str) -> None:
+    def _monitor_loss_watch(self, inputs: dict[str, Any]):
+        """The per-chunk reader of this loss micro-batch's monitored rows, or None (no monitored batch pending)."""
+        pending = self._monitor_pending
+        if pending is None or "latent_monitor_row" not in inputs:
+            return None
+        order = inputs["latent_monitor_row"]
+        rows = pending.batch.rows
+        pending.keep = torch.ones_like(order, dtype=torch.bool) if rows is None else torch.isin(order, rows.to(order.device))
+        pending.offset = 0
+
+        def on_chunk(H: Tensor, mask: Tensor) -> None:
+            keep = pending.keep[pending.offset : pending.offset + H.shape[0]].to(H.device)
+            pending.offset += H.shape[0]
+            if bool(keep.any()):
+                self.latent_monitor.on_chunk(pending.batch, H[keep], mask[keep])
+
+        return on_chunk
+
+    def _monitor_loss_microbatch(self, capture: _Capture, inputs: dict[str, Any], mode: str) -> None:
+        """After one loss micro-batch: add its monitored rows; after the generation batch's last one, log."""
+        pending = self._monitor_pending
+        assert pending is not None and pending.keep is not None
+        start = time.perf_counter()
+        keep = pending.keep
+        if bool(keep.any()):
+            mask = inputs["completion_mask"].bool()[keep]
+            self.latent_monitor.add_outcomes(
+                pending.batch, capture.entropies[keep], mask, inputs["latent_monitor_reward"][keep],
+                inputs["latent_monitor_row"][keep],
+            )
+        pending.seen += keep.numel()
+        pending.seconds += capture.monitor_seconds + time.perf_counter() - start
+        if pending.seen >= pending.local_size:  # the same micro-batch on every process: the gather is safe
+            self._monitor_pending = None
+            self._monitor_finish(pending.batch, mode, pending.seconds)
+
+    def _monitor_finish(self, batch: MonitorBatch, mode: str, seconds: float, output: dict[str, Any] | None = None) -> None:
         """Gather the monitored rows' signals with their rewards and log the batch statistics under latent/."""
         assert self.latent_monitor is not None
         start = time.perf_counter()
-        local_size = output["completion_ids"].size(0)
-        rewards = self._gathered_rewards[local_rows(self.accelerator.process_index, local_size)]
-        if batch.rows is not None:
-            rewards = rewards[batch.rows.to(rewards.device)]
-        metrics = self.latent_monitor.finish(batch, capture.entropies, rewards, self.accelerator, self.state.global_step)
+        metrics = self.latent_monitor.finish(batch, self.accelerator, self.state.global_step)
         for name, value in metrics.items():
             self._metrics[mode][f"latent/{name}"].append(value)
-        self._metrics[mode]["latent/time/monitor_signals_s"].append(capture.monitor_seconds + time.perf_counter() - start)
-        self._record(
-            "monitor_rollout", output=output, rows=batch.rows, rewards=rewards, entropies=capture.entropies,
-            metrics=metrics,
-        )
+        self._metrics[mode]["latent/time/monitor_signals_s"].append(seconds + time.perf_counter() - start)
+        if output is not None:
+            self._record("monitor_rollout", output=output, rows=batch.rows)
+        self._record("monitor_finish", rows=batch.rows, rewards=batch.rewards[0], entropies=batch.entropy[0],
+                     metrics=metrics)
 
     def _reduce_rollout_chunk(self, H: Tensor, mask: Tensor, chunks: dict[str, list[Tensor]], fit_now: bool) -> None:
         """Per-chunk rollout statistics, so the whole batch's hidden states are never held at once
@@ -461,14 +513,19 @@ class LatentGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         latent = mode == "train" and self.latent_objective in ("relax", "kl_cov")
-        if not latent:
+        watch = self._monitor_loss_watch(inputs) if mode == "train" else None
+        if not latent and watch is None:
             with self._trl_kl_coef():
                 return super()._compute_loss(model, inputs)
-        capture = _Capture(keep_states=self.latent_objective == "relax")
+        capture = _Capture(keep_states=latent and self.latent_objective == "relax", monitor=watch)
         with self._armed(capture), self._trl_kl_coef():
             trl_loss = super()._compute_loss(model, inputs)
         if not capture.fired or capture.logps is None:
             raise RuntimeError("TRL's loss forward did not go through _get_per_token_logps_and_entropies")
+        if watch is not None:
+            self._monitor_loss_microbatch(capture, inputs, mode)
+        if not latent:
+            return trl_loss
         start = time.perf_counter()
         if self.latent_objective == "relax":
             term, details = self._relax_term(inputs, capture, mode)
