@@ -21,7 +21,10 @@ Plain GRPO with the latent monitor (README "Monitor your GRPO run"; ``--monitor_
         --latent_objective grpo --latent_monitor --latent_monitor_every 1 --verl_stride 4 --relax_m 10 \\
         --max_steps 30 --per_device_train_batch_size 128 --num_generations 8 --max_completion_length 32 \\
         --learning_rate 1e-4 --lr_scheduler_type constant --logging_steps 1 --report_to none \\
-        --monitor_plot runs/trl-monitor/monitor.png
+        --eval_instances 256 --seed 0 --monitor_plot runs/trl-monitor/monitor.png
+
+It prints the training reward's mean over the first and last ten steps and, with ``--eval_instances``, the
+held-out accuracy before and after training (`latentx train`'s evaluation), plus the monitor's share of a step.
 
 GPUs, a Hugging Face model, vLLM generation colocated with training::
 
@@ -164,7 +167,7 @@ def summarize(trainer: LatentGRPOTrainer) -> dict[str, float]:
     # The monitor's cost on the steps it ran (the dictionary-fit step excluded; it is reported apart).
     monitored = [log for log in logs if "latent/time/monitor_signals_s" in log]
     if monitored:
-        cost = [log.get("latent/time/monitor_forward_s", 0.0) + log["latent/time/monitor_signals_s"] for log in monitored]
+        cost = [log["latent/time/monitor_signals_s"] for log in monitored]
         out["monitor/steps"] = len(monitored)
         out["monitor/seconds_per_monitored_step"] = statistics.fmean(cost)
         out["monitor/share_of_step"] = statistics.fmean(c / log["step_time"] for c, log in zip(cost, monitored))
@@ -186,7 +189,12 @@ def plot_monitor(log_history: list[dict], path: str) -> None:
     for ax, (_, title, prefix) in zip(axes.flat, panels):
         if prefix is None:
             steps = [log["step"] for log in logs]
-            ax.plot(steps, [log["reward"] for log in logs], color="tab:green")
+            rewards = [log["reward"] for log in logs]
+            ax.plot(steps, rewards, color="tab:green", lw=0.8, alpha=0.6, label="per step")
+            if len(rewards) >= 10:  # the 10-step moving average the README quotes
+                average = [statistics.fmean(rewards[i - 9 : i + 1]) for i in range(9, len(rewards))]
+                ax.plot(steps[9:], average, color="tab:green", lw=2, label="10-step mean")
+                ax.legend(fontsize=8, loc="best")
         else:
             rows = [log for log in logs if f"{prefix}_q50" in log]
             steps = [log["step"] for log in rows]

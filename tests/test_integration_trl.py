@@ -208,14 +208,32 @@ def test_capture_sees_hidden_states_minus_one_also_through_peft():
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
-    relax = dict(relax_m=8, relax_xi=0.0, relax_alpha=0.5, relax_beta=0.1, relax_fit_batch_size=4, relax_fit_lr=1e-3)
-    trainer = train(tiny_dir, tmp_path, latent_objective="relax", **relax)
-    cfg = RelaxConfig(m=8, xi=0.0, alpha=0.5, beta=0.1, fit_batch_size=4, fit_lr=1e-3)
+@pytest.mark.parametrize(
+    ("kl_set", "size"),
+    [
+        (dict(xi=0.0), 8),  # every response in I
+        (dict(xi=0.25, xi_mode="quantile"), 2),  # the top quarter of DSD: the reference scores 2 of 8 rows
+        (dict(xi=1e9), 0),  # I empty (as with the paper preset on short responses): no reference forward at all
+    ],
+    ids=["all", "quarter", "empty"],
+)
+def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path, kl_set, size):
+    relax = dict(relax_m=8, relax_alpha=0.5, relax_beta=0.1, relax_fit_batch_size=4, relax_fit_lr=1e-3)
+    relax.update({f"relax_{key}": value for key, value in kl_set.items()})
+    trainer = make_trainer(tiny_dir, tmp_path, latent_objective="relax", **relax)
+    scored_rows: list[int] = []  # the batch size of every reference forward
+    trainer.ref_model.register_forward_pre_hook(
+        lambda module, args, kwargs: scored_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    trainer.train()
+    cfg = RelaxConfig(m=8, alpha=0.5, beta=0.1, fit_batch_size=4, fit_lr=1e-3, **kl_set)
     rollouts = [r for r in trainer.latent_records if r["kind"] == "relax_rollout"]
     losses = [r for r in trainer.latent_records if r["kind"] == "relax_loss"]
     assert len(rollouts) == len(losses) == 2
-    assert trainer.beta != 0.0 and trainer._kl_coef == 0.0  # reference scored for ReLaX's KL only
+    assert trainer.beta != 0.0 and trainer._kl_coef == 0.0  # reference loaded for ReLaX's KL only
+    # Lazy reference: one forward per rollout over the rows in I only, none when I is empty.
+    members = [int(r["output"]["latent_in_set"].sum()) for r in rollouts]
+    assert members == [size, size] and scored_rows == [m for m in members if m > 0]
 
     # The dictionary: fitted once, on the first rollout batch of the initial policy.
     # The dictionary: fitted once, on the first rollout batch (hidden states of the initial policy).
@@ -236,7 +254,12 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
         mask = batch["completion_mask"].bool()
         H, logp = forward(tiny_dir, rec["params"], batch)
         _, ref_logp = forward(tiny_dir, None, batch)  # the frozen reference = the initial weights
-        torch.testing.assert_close(batch["ref_per_token_logps"], ref_logp, atol=1e-5, rtol=1e-5)
+        in_set = batch["latent_in_set"].bool()
+        if in_set.any():  # scored for I's rows; 0 (never read) elsewhere
+            torch.testing.assert_close(batch["ref_per_token_logps"][in_set], ref_logp[in_set], atol=1e-5, rtol=1e-5)
+            assert not batch["ref_per_token_logps"][~in_set].any()
+        else:
+            assert "ref_per_token_logps" not in batch
         torch.testing.assert_close(rec["logps"], logp, atol=1e-5, rtol=1e-5)
         dsd_values = dsd(H, mask, independent)
         torch.testing.assert_close(rec["dsd"], dsd_values, atol=1e-5, rtol=1e-4)
@@ -252,7 +275,7 @@ def test_relax_two_trl_steps_match_latentx(tiny_dir, tmp_path):
         assert rec["kl"].item() == pytest.approx(out.terms["kl_set_kl"], abs=1e-6)
         assert rec["loss"].item() == pytest.approx(out.loss.item(), abs=1e-5)
         assert out.terms["xp"] != 0.0
-        if step == 1:
+        if step == 1 and in_set.any():
             assert out.terms["kl_set_kl"] > 0  # the policy has moved away from the reference
     logged = [key for key in trainer.state.log_history[0] if key.startswith("latent/")]
     assert "latent/relax/xp" in logged and "latent/koopman_fit_loss" in logged

@@ -32,7 +32,7 @@ class GradientRecorder(TrainerCallback):
 
 
 def run(tiny_dir: Path, out: Path, **options):
-    trainer = make_trainer(tiny_dir, out, latent_objective="grpo", **options)
+    trainer = make_trainer(tiny_dir, out, **{"latent_objective": "grpo", **options})
     recorder = GradientRecorder()
     trainer.add_callback(recorder)
     trainer.train()
@@ -171,6 +171,19 @@ def test_monitor_runs_every_nth_step_and_with_latent_objectives(tiny_dir, tmp_pa
     for rec, log in zip(verl, logs):
         assert log["latent/er_q50"] == pytest.approx(float(np.quantile(rec["er"].double().numpy(), 0.5)), rel=1e-5)
         assert log["latent/er_mean"] == pytest.approx(log["latent/verl/m_er"] * 0 + float(rec["er"].mean()), rel=1e-5)
+
+
+def test_monitor_reads_the_loss_forward_kl_cov_shares(tiny_dir, tmp_path):
+    # kl_cov reads the loss forward for its own term too: one capture feeds both, and the run equals the
+    # monitor-off run exactly.
+    _, grads_off, params_off, losses_off = run(tiny_dir, tmp_path / "off", latent_objective="kl_cov")
+    trainer, grads_on, params_on, losses_on = run(tiny_dir, tmp_path / "on", latent_objective="kl_cov", **MONITOR)
+    assert losses_on == losses_off and len(grads_on) == len(grads_off) == 2
+    assert all(torch.equal(on[n], off[n]) for on, off in zip(grads_on, grads_off) for n in on)
+    assert all(torch.equal(params_on[n], params_off[n]) for n in params_on)
+    logs = [log for log in trainer.state.log_history if "latent/er_mean" in log]
+    assert len(logs) == 2 and all(log["latent/monitor/loss_forward"] == 1.0 for log in logs)
+    assert all("latent/kl_cov/term" in log for log in logs)
 
 
 def test_monitor_options_are_validated():

@@ -102,7 +102,8 @@ def image_slices(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the latent monitor on a VLM (its own sampled no-grad forward): signals = an independent forward with images
+# the latent monitor on a VLM (a sample of rows read from TRL's loss forward): signals = an independent forward
+# with images
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -126,7 +127,7 @@ def test_monitor_on_tiny_vl_equals_independent_forward_with_images(tmp_path, tin
     logs = [log for log in trainer.state.log_history if "latent/er_mean" in log]
     assert len(rollouts) == len(logs) == 2
     assert rollouts[0]["rows"] is None and len(rollouts[1]["rows"]) == 4  # the second batch: a sample of rows
-    assert all(log["latent/monitor/extra_forward"] == 1.0 for log in logs)
+    assert all(log["latent/monitor/loss_forward"] == 1.0 for log in logs)
     koopman = trainer.latent_monitor.koopman
     for rec, log in zip(rollouts, logs):
         batch = rec["output"]
@@ -149,6 +150,42 @@ def test_monitor_on_tiny_vl_equals_independent_forward_with_images(tmp_path, tin
         # the images matter: the same sequences with blank pixels give other states
         blank = per_sequence_forward(policy, batch, picked[0], torch.zeros_like(slices[picked[0]][0]), slices[picked[0]][1])
         assert (blank[0] - H[0]).abs().max() > 1e-3
+
+
+def test_relax_lazy_reference_on_tiny_vl_scores_i_rows_with_their_images(tmp_path, tiny_vl_dir):
+    # ReLaX's reference forward runs on the rows of I only (here 2 of 8: xi_mode quantile 0.25), each with its
+    # own images; its log-probs equal an independent forward of the reference (the initial weights).
+    from transformers import AutoModelForImageTextToText
+
+    model, tokenizer = load_model(str(tiny_vl_dir))
+    args = LatentGRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
+        max_steps=1, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        disable_tqdm=True, bf16=False, latent_objective="relax", relax_m=4, relax_xi=0.25, relax_xi_mode="quantile",
+    )
+    trainer = LatentGRPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=vcountdown_dataset(),
+                                processing_class=processor_of(tokenizer))
+    trainer.latent_records = []
+    trainer.train()
+    batch = next(r for r in trainer.latent_records if r["kind"] == "relax_rollout")["output"]
+    rows = torch.nonzero(batch["latent_in_set"]).flatten().tolist()
+    assert len(rows) == 2
+    reference = AutoModelForImageTextToText.from_pretrained(tiny_vl_dir).eval()
+    slices = image_slices(batch)
+    C = batch["completion_ids"].shape[1]
+    for b in range(8):
+        if b not in rows:
+            assert not batch["ref_per_token_logps"][b].any()
+            continue
+        ids = torch.cat([batch["prompt_ids"][b], batch["completion_ids"][b]])[None]
+        attention = torch.cat([batch["prompt_mask"][b], batch["completion_mask"][b]])[None]
+        mm = (ids == reference.config.image_token_id).long()
+        with torch.no_grad():
+            logits = reference(input_ids=ids, attention_mask=attention, pixel_values=slices[b][0],
+                               image_grid_thw=slices[b][1], mm_token_type_ids=mm).logits[0, -(C + 1) : -1].float()
+        logp = logits.log_softmax(-1).gather(-1, batch["completion_ids"][b][:, None]).squeeze(-1)
+        valid = batch["completion_mask"][b].bool()
+        torch.testing.assert_close(batch["ref_per_token_logps"][b][valid], logp[valid], atol=1e-4, rtol=1e-4)
 
 
 def test_select_multimodal_rows_keeps_each_sequences_images():

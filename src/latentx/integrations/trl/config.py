@@ -91,7 +91,7 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
         latent_monitor: log the latent monitor's ``latent/`` statistics (:mod:`latentx.integrations.trl.monitor`);
             its ER uses ``verl_stride`` / ``verl_window``, its DSD the ``relax_*`` dictionary settings.
         latent_monitor_every, latent_monitor_fraction: how often, and on which share of the batch, the monitor
-            runs its own no-grad forward when TRL runs none.
+            reads TRL's loss forward when TRL runs no no-grad forward (on-policy GRPO).
 
     Everything else is TRL's ``GRPOConfig``.  With ``latent_objective="entropy_bonus"`` and neither
     ``entropy_coef`` nor ``use_adaptive_entropy`` set, ``entropy_coef`` defaults to latentx's c_H = 0.001.
@@ -121,13 +121,13 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
     latent_monitor_every: int = field(
         default=10,
         metadata={
-            "help": "when TRL runs no no-grad policy forward of its own, the monitor runs one extra no-grad forward "
-            "every this many optimizer steps (1 = every step)."
+            "help": "when TRL runs no no-grad policy forward of its own (on-policy GRPO), the monitor reads TRL's loss "
+            "forward every this many optimizer steps (1 = every step); it never runs a forward of its own."
         },
     )
     latent_monitor_fraction: float = field(
         default=0.25,
-        metadata={"help": "fraction of the local batch the monitor's extra forward runs on, in (0, 1]."},
+        metadata={"help": "fraction of the local batch the monitor reads from TRL's loss forward, in (0, 1]."},
     )
 
     def __post_init__(self) -> None:

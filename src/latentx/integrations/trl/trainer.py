@@ -11,7 +11,9 @@ What is overridden, and why (TRL 1.16; METHODS.md section 3):
   when TRL runs it; otherwise one extra no-grad policy forward is run (docs/trl.md lists when).
 - ``_compute_loss``: TRL's loss (its loss type, clipping, KL, entropy bonus, vLLM importance sampling)
   plus the latent terms, which need the update forward's hidden states with gradient (ReLaX) or its
-  log-probabilities (KL-Cov).
+  log-probabilities (KL-Cov); on-policy, the latent monitor reads the same forward's states, detached.
+- ReLaX's reference: scored by the adapter for the rows of the KL set I only, none when I is empty
+  (``_score_reference_lazily``), when only ReLaX's KL needs it.
 - ``_calculate_rewards`` only records the gathered rewards (VERL's performance scaling).
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid, use_adapter
 
 from latentx.dynamics import KoopmanDictionary, rank_dynamics
 from latentx.integrations.trl.capture import capture_completion_states, find_backbone
@@ -125,8 +127,7 @@ def select_multimodal_rows(multimodal: dict[str, Any], rows: list[int], batch_si
     if not multimodal:
         return multimodal
     if multimodal.get("pixel_values") is not None and multimodal.get("num_images") is None:
-        raise ValueError("the latent monitor's row sampling needs the rollout's num_images for a VLM; "
-                         "set latent_monitor_fraction=1")
+        raise ValueError("selecting rows of a VLM rollout needs the rollout's num_images")
     split = split_pixel_values_by_grid(dict(multimodal))
     picked: dict[str, Any] = {}
     for key, value in split.items():
@@ -163,6 +164,9 @@ class LatentGRPOTrainer(GRPOTrainer):
         self._kl_coef = float(args.beta)
         needs_reference = isinstance(self.latent_config, RelaxConfig) and self.latent_config.beta > 0
         trl_beta = args.beta if (args.beta != 0.0 or not needs_reference) else self.latent_config.beta
+        # Lazy reference (as the core trainer's): when only ReLaX's KL set needs the reference, TRL does not score
+        # it at rollout; the adapter scores the rows in I once I is known, and nothing when I is empty.
+        self._lazy_reference = needs_reference and args.beta == 0.0
         user_beta = args.beta
         args.beta = trl_beta
         try:
@@ -278,8 +282,9 @@ class LatentGRPOTrainer(GRPOTrainer):
         capture = _Capture(keep_states=False, reduce=lambda H, mask: self._reduce_rollout_chunk(H, mask, chunks, fit_now))
         monitored = self._monitor_capture(capture)
         trl_forward = self._trl_runs_old_logp_forward()
+        scoring = self._trl_kl_coef() if self._lazy_reference else nullcontext()  # TRL skips its reference forward
         if trl_forward:
-            with self._armed(capture):
+            with self._armed(capture), scoring:
                 output = super()._generate_and_score_completions(inputs)
             if "old_per_token_logps" not in output or not capture.fired:
                 raise RuntimeError(
@@ -287,7 +292,8 @@ class LatentGRPOTrainer(GRPOTrainer):
                     "TRL did not run it: this TRL version behaves differently from the supported range"
                 )
         else:
-            output = super()._generate_and_score_completions(inputs)
+            with scoring:
+                output = super()._generate_and_score_completions(inputs)
             start = time.perf_counter()
             with self._armed(capture):
                 self._policy_rollout_forward(output)
@@ -383,7 +389,7 @@ class LatentGRPOTrainer(GRPOTrainer):
             keep = pending.keep[pending.offset : pending.offset + H.shape[0]].to(H.device)
             pending.offset += H.shape[0]
             if bool(keep.any()):
-                self.latent_monitor.on_chunk(pending.batch, H[keep], mask[keep])
+                self.latent_monitor.on_chunk(pending.batch, H.detach()[keep], mask[keep])
 
         return on_chunk
 
@@ -488,7 +494,45 @@ class LatentGRPOTrainer(GRPOTrainer):
             output[f"latent_total_{name}"] = torch.tensor(getattr(plan.totals, name), device=device)
         for name, value in plan.metrics.items():
             self._metrics[mode][f"latent/{name}"].append(value)
+        if self._lazy_reference:
+            self._score_reference_lazily(output, int(plan.totals.in_set), mode)
         self._record("relax_rollout", dsd=dsd, output=output, fit_states=fit_states)
+
+    def _score_reference_lazily(self, output: dict[str, Any], in_set_total: int, mode: str) -> None:
+        """ReLaX's reference log-probs for the local rows in I only (rows outside I are 0 and never read), and
+        no reference forward at all when I is empty on every process (then no ``ref_per_token_logps``: the KL
+        share is 0).  A VLM's rows keep their images (:func:`select_multimodal_rows`).  Sharded models (FSDP,
+        DeepSpeed), whose forward every process must join, score every local row once I is non-empty anywhere."""
+        start = time.perf_counter()
+        in_set = output["latent_in_set"]
+        rows = torch.nonzero(in_set).flatten()
+        multimodal = {key: output[key] for key in _MULTIMODAL_FIELDS if output.get(key) is not None}
+        if in_set_total > 0 and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            rows = torch.arange(in_set.numel(), device=in_set.device)
+        if in_set_total > 0 and multimodal and 0 < rows.numel() < in_set.numel():
+            multimodal = select_multimodal_rows(multimodal, rows.tolist(), in_set.numel())
+        if in_set_total > 0:
+            completion_ids = output["completion_ids"]
+            ref = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+            if rows.numel():
+                input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)[rows]
+                attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)[rows]
+                call = dict(batch_size=self.args.per_device_train_batch_size, **multimodal)
+                with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                    if self.ref_model is not None:
+                        logps = self._get_per_token_logps_and_entropies(
+                            self.ref_model, input_ids, attention_mask, completion_ids.size(1), **call
+                        )[0]
+                    else:  # PEFT: the adapter disabled (or TRL's "ref" adapter), as TRL scores it
+                        model = self.accelerator.unwrap_model(self.model)
+                        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+                            logps = self._get_per_token_logps_and_entropies(
+                                self.model, input_ids, attention_mask, completion_ids.size(1), **call
+                            )[0]
+                ref[rows] = logps.float()
+            output["ref_per_token_logps"] = ref
+        self._metrics[mode]["latent/relax/reference_rows"].append(float(rows.numel() if in_set_total > 0 else 0))
+        self._metrics[mode]["latent/time/reference_forward_s"].append(time.perf_counter() - start)
 
     def _fit_koopman(self, H: Tensor, mask: Tensor, mode: str) -> None:
         """Fit a fresh dictionary on process 0's share of the batch and broadcast W (METHODS.md §2)."""
@@ -565,8 +609,9 @@ class LatentGRPOTrainer(GRPOTrainer):
         mask = self._loss_mask(inputs)
         ref = inputs.get("ref_per_token_logps")
         kl_i = None
-        if ref is not None:
-            kl_i = per_response_mean(k3_kl(valid_only(logps, mask), valid_only(ref.detach(), mask)), mask)
+        if ref is not None:  # per response, over I only (a lazy reference is 0 outside I)
+            member = mask & inputs["latent_in_set"].bool()[:, None]
+            kl_i = per_response_mean(k3_kl(valid_only(logps, member), valid_only(ref.detach(), member)), member)
         advantages = inputs["advantages"]
         if advantages.dim() == 2:
             advantages = per_response_mean(advantages, mask)
