@@ -148,6 +148,17 @@ def test_config_parses_from_the_command_line_and_names_bad_fields():
         LatentGRPOConfig(output_dir="unused", use_cpu=True, latent_objective="kl_cov", loss_type="grpo")
 
 
+def test_kl_cov_warns_when_trl_runs_it_on_policy():
+    import warnings
+
+    with pytest.warns(UserWarning, match="KL-Cov acts only off-policy"):
+        LatentGRPOConfig(output_dir="unused", use_cpu=True, latent_objective="kl_cov", loss_type="dapo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for options in (dict(num_iterations=2), dict(steps_per_generation=2)):
+            LatentGRPOConfig(output_dir="unused", use_cpu=True, latent_objective="kl_cov", loss_type="dapo", **options)
+
+
 def test_entropy_bonus_is_trls_entropy_coef():
     cfg = LatentGRPOConfig(output_dir="unused", use_cpu=True, latent_objective="entropy_bonus")
     assert cfg.entropy_coef == 0.001  # latentx's c_H default, applied to TRL's own entropy bonus

@@ -282,3 +282,22 @@ def test_clip_cov_objective_generator_state_round_trip() -> None:
         ClipCovConfig(cov_low=5.0, cov_high=1.0)
     with pytest.raises(ValueError, match=r"clip_cov\.ratio"):
         ClipCovConfig(ratio=1.5)
+
+
+def test_kl_cov_says_when_it_cannot_act(tmp_path):
+    """On-policy KL-Cov is GRPO bit for bit (the study measured identical runs): the run's log says so at
+    start, and stops saying so once the run is off-policy."""
+    from latentx.config import apply_overrides
+    from latentx.objectives.kl_cov import KLCovConfig, kl_cov_inert_reason
+    from latentx.trainer import TrainConfig, Trainer, resolve_config
+
+    assert "updates_per_step" in kl_cov_inert_reason(KLCovConfig(), 1)
+    assert kl_cov_inert_reason(KLCovConfig(), 2) is None
+    assert "no token" in kl_cov_inert_reason(KLCovConfig(k_ratio=0.0), 2)
+    for passes, warned in ((1, True), (2, False)):
+        lines: list[str] = []
+        cfg = apply_overrides(TrainConfig(), [
+            "objective=kl_cov", "steps=1", f"out={tmp_path}/run{passes}", "warm_start.enabled=false",
+            "eval.enabled=false", "task.train_size=8", f"optim.updates_per_step={passes}"])
+        Trainer(resolve_config(cfg), progress=False, log=lines.append)
+        assert any("KL-Cov acts only off-policy" in line for line in lines) is warned, lines

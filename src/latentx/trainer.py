@@ -270,6 +270,9 @@ class Trainer:
                 self._load_reference()
         rc = cfg.relax
         self.kl_set_monitor = KLSetMonitor(rc.beta, float(rc.xi), rc.xi_mode, str(rc.spectrum), enabled=self.objective.selects_reference_rows)
+        inert = self.objective.inert_reason(cfg.optim.updates_per_step)
+        if inert:  # a term that cannot act at these settings says so (the run is plain GRPO)
+            self.log(f"warning: {inert}")
 
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay

@@ -214,6 +214,11 @@ class Objective:
         hook = self.spec.dsd_grad_rows
         return None if hook is None else hook(self.config, advantages, lengths, totals)
 
+    def inert_reason(self, updates_per_step: int = 1) -> str | None:
+        """Why this objective's own term cannot act with its settings (the run is then plain GRPO), or None."""
+        hook = self.spec.inert_reason
+        return None if hook is None else hook(self.config, self.grpo, updates_per_step)
+
     @property
     def selects_reference_rows(self) -> bool:
         """Whether the reference forward runs only on rows chosen per batch (:meth:`reference_rows`)."""

@@ -407,6 +407,8 @@ class ObjectiveSpec:
             signals: {name: [B]}) -> ([B] bool, info: {name: float})`` or None (signals missing), decided
             once per rollout batch (ReLaX's KL set I); the trainer then runs the frozen reference forward on
             those rows only, and not at all when none is selected.  None = every row, every step.
+        inert_reason: ``(config, grpo, updates_per_step) -> str | None``: why the method's own term cannot act
+            with these settings (the run would be plain GRPO), said in the run's log at start; None = it acts.
     """
 
     name: str
@@ -422,6 +424,7 @@ class ObjectiveSpec:
     state_attribute: str | None = None
     dsd_grad_rows: Callable[..., Tensor] | None = None
     reference_rows: Callable[..., "tuple[Tensor, dict[str, float]] | None"] | None = None
+    inert_reason: Callable[..., "str | None"] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():

@@ -34,7 +34,7 @@ from latentx.objectives.base import (
 )
 from latentx.objectives.grpo import clipped_surrogate, surrogate_loss
 
-__all__ = ["KLCovConfig", "token_covariance", "kl_cov_select", "kl_cov_loss"]
+__all__ = ["KLCovConfig", "token_covariance", "kl_cov_select", "kl_cov_loss", "kl_cov_inert_reason"]
 
 
 @dataclass
@@ -112,8 +112,25 @@ def kl_cov_loss(batch: PolicyBatch, cfg: KLCovConfig, clip: GRPOConfig) -> LossO
     )
 
 
+def kl_cov_inert_reason(cfg: KLCovConfig, updates_per_step: int) -> str | None:
+    """Why KL-Cov would train exactly like GRPO with these settings, or None when it acts.
+
+    On-policy (one optimizer pass per rollout batch, log π_θ = log π_old at the update) the penalty
+    |log π_θ − log π_old| is 0 with zero (sub)gradient and ρ = 1, so the selected tokens' unclipped −Â·ρ
+    has the clipped surrogate's gradient: the loss and its gradient are GRPO's, bit for bit.
+    """
+    if cfg.k_ratio == 0 or cfg.coef == 0:
+        return f"kl_cov.k_ratio = {cfg.k_ratio:g}, kl_cov.coef = {cfg.coef:g}: no token is penalised, the run is GRPO"
+    if updates_per_step <= 1:
+        return ("KL-Cov acts only off-policy: with one update per rollout batch (optim.updates_per_step = 1) its "
+                "penalty |log pi - log pi_old| is 0 with zero gradient and the run trains exactly as GRPO; "
+                "set optim.updates_per_step >= 2 (TRL: num_iterations >= 2) for the term to act")
+    return None
+
+
 register_objective(
     name="kl_cov",
     config_class=KLCovConfig,
     loss=lambda batch, config, grpo, state: kl_cov_loss(batch, config, grpo),
+    inert_reason=lambda config, grpo, updates_per_step: kl_cov_inert_reason(config, updates_per_step),
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Union
 
@@ -28,6 +29,7 @@ from trl import GRPOConfig as TRLGRPOConfig
 
 from latentx.objectives import EntropyBonusConfig, KLCovConfig, RelaxConfig, VerlConfig
 from latentx.objectives.base import adapter_objective
+from latentx.objectives.kl_cov import kl_cov_inert_reason
 
 __all__ = ["LatentGRPOConfig", "LATENT_OBJECTIVES", "FLATTENED_SECTIONS", "KL_COV_LOSS_TYPES"]
 
@@ -194,3 +196,9 @@ class LatentGRPOConfig(_FlattenedLatentOptions):
             problems.append(f"off_policy_mask_threshold must be None (got {self.off_policy_mask_threshold!r})")
         if problems:
             raise ValueError("latent_objective='kl_cov' needs: " + "; ".join(problems))
+        # TRL's updates per generation batch: num_iterations passes, each split over steps_per_generation /
+        # gradient_accumulation_steps optimizer steps; only the first step of the first pass is on-policy.
+        per_generation = max(1, int(self.steps_per_generation or 1) // max(1, int(self.gradient_accumulation_steps)))
+        inert = kl_cov_inert_reason(self.method_config(), int(self.num_iterations) * per_generation)
+        if inert:
+            warnings.warn(f"latentx: {inert}", UserWarning, stacklevel=3)
