@@ -297,3 +297,84 @@ def test_analyze_image_blind_control(tmp_path):
     assert labels == ["tiny-vl", "tiny-vl-noimage"]
     seeing, blind = (np.asarray(r.columns["er"]) for r in analysis.models)
     assert seeing.shape == blind.shape and not np.allclose(seeing, blind)
+
+
+def test_solution_nll_equals_an_independent_per_sequence_forward(tiny_vl):
+    """The held-out SFT loss: teacher-forced NLL of the solution (+ eos) with the images, batched and ragged."""
+    from latentx.warmstart import solution_nll
+
+    model, tokenizer = tiny_vl
+    task = get_task("vcountdown", min_operands=2, max_operands=3, max_value=12)
+    instances = task.eval_instances(5)
+    rng = random.Random(0)
+    whole, head = [], []  # per-token NLLs of each solution / of its transcription ("a b|")
+    for inst in instances:
+        solution = task.solution(inst, rng)
+        ids, _, vision = encode_prompts(tokenizer, [task.format_prompt(inst, tokenizer)], [task.images(inst)])
+        answer = tokenizer(solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        full = torch.cat([ids, torch.tensor([answer])], 1)
+        extra = dict(vision[0])
+        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, len(answer)))
+        with torch.no_grad():
+            logits = model(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0]
+        logp = torch.log_softmax(logits[ids.shape[1] - 1: -1].float(), -1)
+        nll = -logp[torch.arange(len(answer)), torch.tensor(answer)]
+        whole += nll.tolist()
+        head += nll[: solution.index("|") + 1].tolist()
+    assert solution_nll(model, tokenizer, task, instances, batch_size=2) == pytest.approx(np.mean(whole), rel=1e-5)
+    assert solution_nll(model, tokenizer, task, instances, upto="|") == pytest.approx(np.mean(head), rel=1e-5)
+    with pytest.raises(ValueError, match="has no '#'"):
+        solution_nll(model, tokenizer, task, instances, upto="#")
+
+
+def _sft_vs_blind(tmp_path, steps: int, seed: int = 0, accuracy: bool = False) -> dict[str, float]:
+    """The warm start (the project's SFT) of tiny-vl on 2-number vcountdown, once with the images and once
+    on the task's own image-blind variant (``blind=True``: blank images, same problems and settings), then
+    held-out teacher-forced NLLs (``solution_nll``) and, with ``accuracy``, greedy transcription / solve
+    rates on 64 held-out problems."""
+    from latentx.evaluate import SamplingSettings, evaluate_task
+    from latentx.warmstart import WarmStartConfig, solution_nll, warm_start
+
+    options = {"num_operands": 2, "max_value": 12, "max_target": 40}
+    cfg = WarmStartConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=50, num_examples=800, seed=seed)
+    seeing_task, blind_task = get_task("vcountdown", **options), get_task("vcountdown", blind=True, **options)
+    held = seeing_task.eval_instances(64)
+    out: dict[str, float] = {}
+    for label, task in (("seeing", seeing_task), ("blind", blind_task)):
+        model, tokenizer = load_model("tiny-vl", seed=seed)
+        model, _ = warm_start(model, tokenizer, task, cfg, progress=False, cache_dir=tmp_path)
+        out[f"{label}_transcription_nll"] = solution_nll(model, tokenizer, task, held, upto="|")
+        out[f"{label}_answer_nll"] = solution_nll(model, tokenizer, task, held)
+        if label == "seeing":  # the same model with the images blanked at evaluation
+            out["seeing_on_blank_transcription_nll"] = solution_nll(model, tokenizer, blank_images(task), held, upto="|")
+        if accuracy:
+            result = evaluate_task(model, tokenizer, task, held, benchmark="vcountdown",
+                                   settings=SamplingSettings(n=1, temperature=0.0, max_new_tokens=16, ks=(1,)))
+            by_id = {inst.id: inst for inst in held}
+            out[f"{label}_transcription_acc"] = float(np.mean(
+                [seeing_task.transcription_correct(by_id[s.problem_id], s.response) for s in result.samples]))
+            out[f"{label}_solve_acc"] = result.metrics["mean@1"]
+    return out
+
+
+def test_short_vcountdown_sft_beats_the_image_blind_baseline(tmp_path):
+    """The quality bar: 300 SFT steps with the images read them, the same SFT on blank images cannot.
+
+    Measured (seeds 0-4, this setting): transcription NLL 0.67-0.87 with the images vs 1.19-1.25 for the
+    blind-trained model (margin 0.33-0.56 nats/token), answer NLL margin 0.10-0.19; the seeing model on
+    blanked images 1.7-3.2.  Greedy accuracy does not separate reliably yet at 300 steps (see the slow test)."""
+    m = _sft_vs_blind(tmp_path, steps=300)
+    assert m["seeing_transcription_nll"] < m["blind_transcription_nll"] - 0.15, m
+    assert m["seeing_answer_nll"] < m["blind_answer_nll"] - 0.03, m
+    assert m["seeing_on_blank_transcription_nll"] > m["seeing_transcription_nll"] + 0.5, m  # it uses the image
+
+
+@pytest.mark.slow  # two 500-step warm starts: ~40 s on the loaded 2-core machine
+def test_vcountdown_warm_start_beats_the_image_blind_baseline_in_accuracy(tmp_path):
+    """demo-vl's warm-start length: greedy transcription 0.58-0.86 and solve 0.17-0.58 on 64 held-out
+    problems with the images vs 0.00-0.03 / 0.00 for the blind-trained model (seeds 0-2); transcription NLL
+    0.13-0.27 vs 1.22-1.47."""
+    m = _sft_vs_blind(tmp_path, steps=500, accuracy=True)
+    assert m["seeing_transcription_acc"] >= max(0.3, m["blind_transcription_acc"] + 0.25), m
+    assert m["seeing_solve_acc"] >= m["blind_solve_acc"] + 0.1, m
+    assert m["seeing_transcription_nll"] < m["blind_transcription_nll"] - 0.5, m

@@ -37,7 +37,7 @@ from safetensors.torch import save_model as save_safetensors
 from latentx.models import latentx_cache_dir
 from latentx.tasks.base import Task, TaskInstance
 
-__all__ = ["WarmStartConfig", "warm_start", "warm_start_key", "task_fingerprint", "sample_accuracy"]
+__all__ = ["WarmStartConfig", "warm_start", "warm_start_key", "task_fingerprint", "sample_accuracy", "solution_nll"]
 
 _CACHE_FORMAT = 1  # bump when the SFT procedure changes, so old cache entries are not reused
 
@@ -314,6 +314,54 @@ def sample_accuracy(
         "k": k,
         "instances": len(instances),
     }
+
+
+def solution_nll(
+    model, tokenizer, task: Task, instances: list[TaskInstance], seed: int = 0, upto: str | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Mean per-token negative log-likelihood (nats) of ``task``'s solutions on ``instances``, teacher-forced:
+    the warm start's own encoding (``prompt + solution + eos``, the task's images included) and forward,
+    without gradients, i.e. the SFT loss measured on held-out instances.  One solution per instance is drawn
+    with ``random.Random(seed)``.  ``upto`` scores only the solution's tokens up to and including its first
+    ``upto`` (``"|"``: vcountdown's transcription of the image)."""
+    if not instances:
+        raise ValueError("solution_nll needs at least one instance")
+    if batch_size < 1:
+        raise ValueError(f"solution_nll: batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
+    examples = []
+    for inst in instances:
+        solution = task.solution(inst, rng)
+        if solution is None:
+            raise ValueError(f"task {task.name!r} has no solution for instance {inst.id}")
+        ids, labels, vision = _encode_example(tokenizer, task.format_prompt(inst, tokenizer), solution, task.images(inst))
+        if upto is not None:
+            if upto not in solution:
+                raise ValueError(f"solution_nll: the solution of instance {inst.id} ({solution!r}) has no {upto!r}")
+            head = tokenizer(solution[: solution.index(upto) + len(upto)], add_special_tokens=False).input_ids
+            start = next(i for i, t in enumerate(labels) if t != -100)
+            if ids[start: start + len(head)] != head:
+                raise ValueError(f"solution_nll: {upto!r} is not a token boundary of {solution!r} for this tokenizer")
+            labels = labels[: start + len(head)] + [-100] * (len(labels) - start - len(head))
+        examples.append((ids, labels, vision))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for first in range(0, len(examples), batch_size):
+                inputs = _collate(examples[first: first + batch_size], tokenizer.pad_token_id, device)
+                labels = inputs.pop("labels")[:, 1:]
+                logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+                total += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                ).item()
+                count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 def _main() -> None:  # pragma: no cover - a measurement entry point, exercised by hand
