@@ -120,7 +120,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
     relax_like = {o: e["dsd_xi"] for o, e in summary.items() if e.get("dsd_xi")}
     if relax_like:
-        fig, axes = plt.subplots(1, len(relax_like), figsize=(3.9 * len(relax_like), 3.3), squeeze=False)
+        fig, axes = plt.subplots(1, len(relax_like), figsize=(max(7.0, 3.9 * len(relax_like)), 3.4), squeeze=False)
         for ax, (objective, series) in zip(axes[0], relax_like.items()):
             steps = list(range(1, len(series["xi_used"]) + 1))
             color = _color(objective, order)
