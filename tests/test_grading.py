@@ -320,3 +320,14 @@ def test_workers_killed_by_a_timeout_are_replaced_by_forks_of_the_warm_zygote():
         assert int(stat.read().rsplit(")", 1)[1].split()[1]) == zygote.process.pid  # parent: the zygote
     grading._POOL.close_all()
     assert not zygote.alive or zygote.process.wait(timeout=5) is not None
+
+
+def test_a_grading_process_that_does_not_start_says_why(monkeypatch):
+    """A worker or zygote that dies before its ready line: GraderError carrying the end of its stderr
+    (read before the file is closed)."""
+    from latentx.tasks import grading
+
+    monkeypatch.setattr(grading, "_WORKER_BOOT", "import sys; sys.stderr.write('no sympy here'); sys.exit(1)")
+    for start, what in ((grading._Worker, "worker"), (grading._Zygote, "zygote")):
+        with pytest.raises(grading.GraderError, match=rf"grading {what} did not start:\nno sympy here"):
+            start()

@@ -60,7 +60,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["extract_answer", "grade_answer", "grade_many", "normalize_number", "prewarm", "validate_grading_args", "GraderError"]
 
@@ -363,22 +363,8 @@ class _Worker:
             self._fd = self._conn.fileno()
             return
         self._conn = None
-        # Run this very file in isolated mode (-I): the worker imports only the standard library and
-        # math-verify, not the latentx package (whose task registry may pull in heavy libraries).
-        self._stderr = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _WORKER_BOOT, str(Path(__file__).resolve())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
+        self.process, self._stderr, self._fd, self._buffer = _spawn_grader("worker")
         self.pid = self.process.pid
-        assert self.process.stdout is not None
-        self._fd = self.process.stdout.fileno()
-        ready = self._read_line(time.monotonic() + _WORKER_START_LIMIT_S)
-        if ready is None or not json.loads(ready).get("ready"):
-            self.close()
-            raise GraderError(f"the math grading worker did not start:\n{_stderr_tail(self._stderr)}")
 
     def _read_line(self, deadline: float) -> str | None:
         return _read_line(self._fd, self._buffer, deadline)
@@ -438,6 +424,28 @@ def _close_process(process: subprocess.Popen, stderr) -> None:
     stderr.close()
 
 
+def _spawn_grader(what: str, *args: str) -> "tuple[subprocess.Popen, Any, int, bytearray]":
+    """Start this very file in isolated mode (-I: only the standard library and math-verify are imported,
+    not the latentx package, whose task registry may pull in heavy libraries) as a grading ``what``
+    ("worker" or "zygote") and wait for its ready line.  Returns (process, stderr file, stdout fd, read
+    buffer); :class:`GraderError` with the end of its stderr when it does not start."""
+    stderr = tempfile.TemporaryFile()
+    process = subprocess.Popen(
+        [sys.executable, "-I", "-c", _WORKER_BOOT, str(Path(__file__).resolve()), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
+    assert process.stdout is not None
+    fd, buffer = process.stdout.fileno(), bytearray()
+    ready = _read_line(fd, buffer, time.monotonic() + _WORKER_START_LIMIT_S)
+    if ready is None or not json.loads(ready).get("ready"):
+        detail = _stderr_tail(stderr)  # read before closing it
+        _close_process(process, stderr)
+        raise GraderError(f"the math grading {what} did not start:\n{detail}")
+    return process, stderr, fd, buffer
+
+
 def _stderr_tail(stream) -> str:
     stream.seek(0)
     return stream.read().decode(errors="replace")[-2000:]
@@ -458,21 +466,11 @@ class _Zygote:
         self._listener.bind(path)
         self._listener.listen(64)
         self._lock = threading.Lock()
-        self._stderr = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _WORKER_BOOT, str(Path(__file__).resolve()), "--zygote", path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
-        assert self.process.stdout is not None
-        self._fd = self.process.stdout.fileno()
-        self._buffer = bytearray()
-        ready = _read_line(self._fd, self._buffer, time.monotonic() + _WORKER_START_LIMIT_S)
-        if ready is None or not json.loads(ready).get("ready"):
-            detail = _stderr_tail(self._stderr)
-            self.close()
-            raise GraderError(f"the math grading zygote did not start:\n{detail}")
+        try:
+            self.process, self._stderr, self._fd, self._buffer = _spawn_grader("zygote", "--zygote", path)
+        except BaseException:
+            self._remove_socket()
+            raise
 
     @property
     def alive(self) -> bool:
@@ -508,6 +506,9 @@ class _Zygote:
 
     def close(self) -> None:
         _close_process(self.process, self._stderr)
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
         self._listener.close()
         try:
             os.unlink(os.path.join(self._dir, "zygote.sock"))
