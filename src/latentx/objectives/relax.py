@@ -490,8 +490,13 @@ def relax_batch_plan(adv: Tensor, dsd: Tensor, group: Tensor, lengths: Tensor, c
     lse, count = group_log_sum_exp(exponent, group)
     mask = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=adv.device)[None, :] < lengths[:, None]
     xp = float(relax_terms(adv, dsd, group, mask, in_set, cfg, totals).xp) if adv.numel() else 0.0
-    metrics = {"kl_set_size": float(totals.in_set), "xi_used": xi_used, "xp_rollout": xp, **dsd_quantiles(dsd)}
+    metrics = {**kl_set_metrics(in_set, xi_used, dsd), "xp_rollout": xp}
     return RelaxPlan(in_set, lse, count, totals, xp, xi_used, metrics)
+
+
+def kl_set_metrics(in_set: Tensor, xi_used: float, dsd: Tensor) -> dict[str, float]:
+    """A step's KL-set diagnostics: ``kl_set_size`` (|I|), ``xi_used`` and the DSD quantiles."""
+    return {"kl_set_size": float(in_set.sum()), "xi_used": xi_used, **dsd_quantiles(dsd)}
 
 
 def dsd_quantiles(dsd: Tensor) -> dict[str, float]:
@@ -594,10 +599,7 @@ def relax_dsd_grad_rows(cfg: RelaxConfig, adv: Tensor, lengths: Tensor, totals: 
     whatever its DSD: neither the loss nor its gradient depends on that DSD.  The KL term never reads DSD
     (I is decided on the rollout DSD), so these rows are all that needs a differentiable DSD.
     """
-    length = totals.length if totals is not None else None
-    if not length:  # L_max for xp_weight="padded_mean": the longest response here (relax_terms gets the same)
-        length = int(lengths.max()) if lengths.numel() else 1
-    return xp_weights(adv, lengths, cfg, length) > 0
+    return xp_weights(adv, lengths, cfg, totals.length if totals is not None else None) > 0
 
 
 def relax_reference_rows(cfg: RelaxConfig, adv: Tensor, signals: Mapping[str, Tensor]) -> "tuple[Tensor, dict[str, float]] | None":
@@ -607,7 +609,7 @@ def relax_reference_rows(cfg: RelaxConfig, adv: Tensor, signals: Mapping[str, Te
     if dsd is None:
         return None
     in_set, xi_used = kl_set_members(adv, dsd, cfg)
-    return in_set, {"kl_set_size": float(in_set.sum()), "xi_used": xi_used, **dsd_quantiles(dsd)}
+    return in_set, kl_set_metrics(in_set, xi_used, dsd)
 
 
 register_objective(
